@@ -1,0 +1,20 @@
+# The two set-up commands of the README. Both install the pinned dependencies first (a no-op when present),
+# so each works on a fresh machine on its own.
+PYTHON ?= python3
+CORES ?= 2
+
+.PHONY: install run test lint
+
+install:
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+
+run: install
+	snakemake --cores $(CORES)
+
+test: install
+	$(PYTHON) -m pytest -n $(CORES) --dist loadgroup
+
+lint: install
+	snakemake --lint
+	snakefmt --check Snakefile workflow/rules

@@ -1,0 +1,168 @@
+"""Versioned artifact paths, manifests and atomic writes.
+
+Every step writes into ``results/<step>/<name>-<hash>/`` where ``<hash>`` covers the step's own config section
+and the hashes of its inputs (which are in their paths). Changing a dataset therefore changes the path of its
+tokenized shards and of everything trained on them, while untouched branches keep their paths, so Snakemake
+reruns exactly the affected jobs. The Snakefile and the step CLIs compute paths with the same :class:`Paths`.
+
+A step never leaves a directory that looks complete without being complete: it works in ``<dir>.partial/``
+(which also holds resumable progress) and renames it to ``<dir>`` only after writing ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from earl.config import Config
+
+HASH_CHARS = 10
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("earl-pipeline", "torch", "transformers", "tokenizers", "datasets", "pyarrow", "numpy", "pillow")
+
+
+def stable_hash(*parts: Any) -> str:
+    """Short sha256 of a canonical JSON rendering (sorted keys), stable across runs and machines."""
+    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_plain)
+    return hashlib.sha256(payload.encode()).hexdigest()[:HASH_CHARS]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return value.as_posix()
+    raise TypeError(f"cannot hash {type(value).__name__}")
+
+
+class Paths:
+    """Artifact directories of one config: the DAG's file names, shared by the Snakefile and the steps."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = Path(config.results)
+
+    def data(self, name: str) -> Path:
+        """Generated parquet splits of a ``shapes`` dataset."""
+        return self.root / "data" / f"{name}-{stable_hash(self.config.datasets[name].source)}"
+
+    def _dataset_inputs(self, name: str) -> list[str]:
+        # A generated dataset is an input by its path; a hub dataset by its config (id, revision, files).
+        if self.config.datasets[name].source.kind == "shapes":
+            return [self.data(name).name]
+        return []
+
+    def vq(self) -> Path:
+        vq = self.config.vq
+        inputs = [self.data(n).name for n in getattr(vq, "datasets", []) if self.config.datasets[n].source.kind == "shapes"]
+        return self.root / "vq" / f"{vq.kind}-{stable_hash(vq, inputs)}"
+
+    def text_tokenizer(self) -> Path:
+        tok = self.config.text_tokenizer
+        inputs = [self.data(n).name for n in getattr(tok, "datasets", []) if self.config.datasets[n].source.kind == "shapes"]
+        return self.root / "tokenizer" / f"{tok.kind}-{stable_hash(tok, inputs, self.vq().name)}"
+
+    def tokenized(self, name: str) -> Path:
+        dataset = self.config.datasets[name]
+        own = {"dataset": dataset, "tokenize": self.config.tokenize.model_dump(exclude={"workers"})}
+        return self.root / "tokenized" / f"{name}-{stable_hash(own, self._dataset_inputs(name), self.vq().name)}"
+
+
+# ------------------------------------------------------------------------------------------- manifests
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def input_hashes(inputs: list[Path]) -> dict[str, str]:
+    """Content hash of each input directory's manifest, so a manifest names exactly what it was built from."""
+    return {str(p): hashlib.sha256((Path(p) / MANIFEST).read_bytes()).hexdigest()[:16] for p in inputs}
+
+
+def write_manifest(directory: Path, *, step: str, config: Any, inputs: list[Path], **facts: Any) -> dict:
+    """Write ``manifest.json``: the step, its config and hash, input hashes, versions, git commit, facts."""
+    manifest = {
+        "step": step,
+        "config": json.loads(json.dumps(config, default=_plain)),
+        "config_hash": stable_hash(config),
+        "inputs": input_hashes(inputs),
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **facts,
+    }
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a finished artifact: {MANIFEST} missing")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------- atomic writes
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto ``path`` only if the block finishes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def artifact_dir(path: Path) -> Iterator[Path]:
+    """Work in ``<path>.partial/`` (kept across crashes for resuming) and publish it as ``<path>`` at the end.
+
+    The caller must write the manifest inside the block; a directory without one is never published.
+    """
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    yield partial
+    if not (partial / MANIFEST).is_file():
+        raise RuntimeError(f"{partial}: step finished without writing {MANIFEST}")
+    if path.exists():  # a stale output (e.g. Snakemake forced a rerun): replace it as a whole
+        shutil.rmtree(path)
+    os.replace(partial, path)

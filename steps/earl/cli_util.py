@@ -1,0 +1,54 @@
+"""What every step CLI shares: ``--config`` (validated on load) and ``--out``, and one-line errors.
+
+A rule calls ``python -m earl.<step> --config <file> --out <dir>``; the step validates the config itself
+(so running it by hand is as safe as through Snakemake) and turns expected failures (bad config, bad data)
+into one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from earl.config import Config, from_dict, read_yaml, ConfigError
+from earl.sources import DataError
+
+
+def read_config(paths: list[str], overrides: list[str]) -> Config:
+    """Merge one or more YAML files (later wins, like Snakemake's --configfile) and KEY=VALUE overrides."""
+    data: dict = {}
+    for path in paths:
+        data = _merge(data, read_yaml(path))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(data)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def run_step(parser: argparse.ArgumentParser, build: Callable[..., None], argv: list[str] | None, **extra) -> None:
+    """Parse the shared arguments and run ``build(config, out, **extra_args)`` with one-line errors."""
+    parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), later files win")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--out", required=True, type=Path, help="the step's versioned output directory")
+    args = parser.parse_args(argv)
+    try:
+        config = read_config(args.config, args.set)
+        kwargs = {k: getattr(args, k) for k in extra}
+        build(config, args.out, **kwargs)
+    except (ConfigError, DataError) as error:
+        sys.exit(f"error: {error}")

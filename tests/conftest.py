@@ -1,0 +1,28 @@
+"""Shared fixtures: Emu3-structured tokenizers built locally (nothing is downloaded in tests)."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, models
+
+from earl import text_tokenizer
+
+PAPER_BASE_VOCAB = 151643  # regular BPE ids of Emu3's (Qwen) tokenizer: 0 … 151642
+PAPER_CODEBOOK = 32768
+
+
+@pytest.fixture(scope="session")
+def paper_tokenizer():
+    """A tokenizer with Emu3's vocabulary structure and size: 151,643 regular tokens, then the specials."""
+    regular = [*"0123456789*", *(f"t{i}" for i in range(PAPER_BASE_VOCAB - 11))]
+    base = Tokenizer(models.WordLevel({token: i for i, token in enumerate(regular)}, unk_token="t0"))
+    base.pre_tokenizer = text_tokenizer.pre_tokenizer()
+    text_tokenizer.add_emu3_tokens(base, PAPER_CODEBOOK)
+    return text_tokenizer.wrap(base)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The embedded default's kind of tokenizer: byte-level BPE on a few instructions, 16 VQ codes."""
+    corpus = ["make the red circle blue", "add a green square at row 3, column 5", "remove the blue triangle"] * 20
+    return text_tokenizer.train_bpe(corpus, vocab_size=300, codebook_size=16)

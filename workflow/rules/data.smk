@@ -1,0 +1,34 @@
+# Inputs of tokenize: generated datasets, the VQ image tokenizer and the text tokenizer.
+
+
+rule data:
+    output:
+        directory(f"{RESULTS}/data/{{dataset}}-{{version}}"),
+    log:
+        f"{LOGS}/data/{{dataset}}-{{version}}.log",
+    shell:
+        "python -m earl.data {STEP_ARGS} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+
+
+rule vq:
+    input:
+        generated(getattr(CFG.vq, "datasets", [])),
+    output:
+        directory(f"{RESULTS}/vq/{{kind}}-{{version}}"),
+    log:
+        f"{LOGS}/vq/{{kind}}-{{version}}.log",
+    threads: getattr(CFG.vq, "threads", 1)
+    shell:
+        "python -m earl.vq {STEP_ARGS} --out {output} > {log} 2>&1"
+
+
+rule text_tokenizer:
+    input:
+        generated(getattr(CFG.text_tokenizer, "datasets", [])),
+        vq=str(PATHS.vq()),
+    output:
+        directory(f"{RESULTS}/tokenizer/{{kind}}-{{version}}"),
+    log:
+        f"{LOGS}/tokenizer/{{kind}}-{{version}}.log",
+    shell:
+        "python -m earl.text_tokenizer {STEP_ARGS} --out {output} > {log} 2>&1"
