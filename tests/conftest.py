@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from tokenizers import Tokenizer, models
 
 from earl import text_tokenizer
 
+REPO = Path(__file__).resolve().parents[1]
 PAPER_BASE_VOCAB = 151643  # regular BPE ids of Emu3's (Qwen) tokenizer: 0 … 151642
 PAPER_CODEBOOK = 32768
 
@@ -26,3 +30,25 @@ def tiny_tokenizer():
     """The embedded default's kind of tokenizer: byte-level BPE on a few instructions, 16 VQ codes."""
     corpus = ["make the red circle blue", "add a green square at row 3, column 5", "remove the blue triangle"] * 20
     return text_tokenizer.train_bpe(corpus, vocab_size=300, codebook_size=16)
+
+
+def tiny_config(results, **overrides) -> dict:
+    """The default config at test size: few examples, a few VQ steps; same datasets, same code paths."""
+    data = yaml.safe_load(open(REPO / "config" / "config.yaml"))
+    data["results"] = str(results)
+    for dataset in data["datasets"].values():
+        dataset["source"]["splits"] = {"train": 24, "validation": 6, "test": 6}
+    data["vq"].update(steps=4, batch_size=8, threads=1)
+    data["tokenize"].update(shards=2, workers=1, batch_size=8)
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return data
+
+
+def write_config(path, data) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)

@@ -108,7 +108,7 @@ class VQModel(Section):
     latent_channels: int = 4
     base_channels: int = Field(32, multiple_of=32)
     channel_multiplier: list[int] = [1, 2, 2, 2]
-    num_res_blocks: int = 1
+    num_res_blocks: int = Field(1, ge=0)
     attn_resolutions: list[int] = []
     temporal_downsample_factor: int = 1
 
@@ -131,6 +131,7 @@ class TrainedVQ(Section):
     lr: float = Field(gt=0)
     commitment_cost: float = 0.25
     dead_code_steps: int = Field(20, ge=1, description="re-seed codes unused for this many steps")
+    report_split: str = Field("validation", description="held-out split for the per-object reconstruction report")
     seed: int = 0
     threads: int = Field(2, ge=1)
 

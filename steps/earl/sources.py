@@ -8,9 +8,11 @@ own row with a message that names it, instead of inside a library iterator.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import datasets
+from PIL import Image
 
 from earl.artifacts import Paths
 from earl.config import Config
@@ -60,3 +62,15 @@ def load_split(config: Config, name: str, split: str) -> datasets.Dataset:
                 raise DataError(f"dataset {name!r}: column {column!r} is {data.features[column]}, not an image")
             data = data.cast_column(column, datasets.Image(decode=False))
     return data
+
+
+def open_image(cell: dict | None, where: str) -> Image.Image:
+    """Decode one undecoded ``datasets.Image`` cell to RGB, or raise a :class:`DataError` naming the row."""
+    if not cell or not (cell.get("bytes") or cell.get("path")):
+        raise DataError(f"{where}: image is missing")
+    try:
+        image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
+        image.load()
+    except Exception as error:  # PIL raises many types for corrupt data; all mean the same here
+        raise DataError(f"{where}: cannot decode image ({type(error).__name__}: {error})") from None
+    return image.convert("RGB")

@@ -13,7 +13,6 @@ Text is not tokenized here: the layout (with or without CoT, SFT or RL prompt) i
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import re
@@ -22,14 +21,13 @@ from pathlib import Path
 
 import datasets
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from earl import artifacts
 from earl.cli_util import run_step
 from earl.config import Config
 from earl.models import load_vq
-from earl.sources import DataError, load_split
+from earl.sources import DataError, load_split, open_image
 from earl.vq import encode, resize_to_area
 
 BOX = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]")
@@ -44,18 +42,6 @@ def rescale_boxes(text: str, sx: float, sy: float) -> str:
         return f"[{round(x1 * sx)}, {round(y1 * sy)}, {round(x2 * sx)}, {round(y2 * sy)}]"
 
     return BOX.sub(scale, text)
-
-
-def open_image(cell: dict | None, where: str) -> Image.Image:
-    """Decode one undecoded ``datasets.Image`` cell to RGB, or raise a :class:`DataError` naming the row."""
-    if not cell or not (cell.get("bytes") or cell.get("path")):
-        raise DataError(f"{where}: image is missing")
-    try:
-        image = Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
-        image.load()
-    except Exception as error:  # PIL raises many types for corrupt data; all mean the same here
-        raise DataError(f"{where}: cannot decode image ({type(error).__name__}: {error})") from None
-    return image.convert("RGB")
 
 
 def shard_ranges(n_rows: int, n_shards: int) -> list[range]:

@@ -1,4 +1,5 @@
 # Config validation, versioned paths and the step command line shared by all rules.
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,7 +13,11 @@ from earl.config import ConfigError, from_dict
 
 try:
     # Defaults are the models' job: jsonschema would inject every branch's defaults into a union.
-    validate(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml", set_default=False)
+    validate(
+        config,
+        Path(workflow.basedir) / "workflow/schemas/config.schema.yaml",
+        set_default=False,
+    )
 except WorkflowError as error:
     # jsonschema's report is pages long; the models below name the key in one line.
     try:
@@ -29,9 +34,13 @@ PATHS = Paths(CFG)
 RESULTS = CFG.results
 LOGS = f"{RESULTS}/logs"
 # The step CLIs re-read the same config files (and --config overrides) Snakemake was given.
-STEP_ARGS = " ".join(
+STEP_ARGS = shlex.join(
     ["--config", *map(str, workflow.configfiles)]
-    + (["--set", *workflow.config_settings.config_args] if workflow.config_settings.config_args else [])
+    + (
+        ["--set", *workflow.config_settings.config_args]
+        if workflow.config_settings.config_args
+        else []
+    )
 )
 
 
@@ -42,8 +51,12 @@ wildcard_constraints:
 
 def generated(names):
     """Data directories of the named datasets that the pipeline generates itself."""
-    return [str(PATHS.data(n)) for n in names if CFG.datasets[n].source.kind == "shapes"]
+    return [
+        str(PATHS.data(n)) for n in names if CFG.datasets[n].source.kind == "shapes"
+    ]
 
 
 def all_targets():
-    return [str(PATHS.tokenized(n)) for n in CFG.datasets] + [str(PATHS.text_tokenizer())]
+    return [str(PATHS.tokenized(n)) for n in CFG.datasets] + [
+        str(PATHS.text_tokenizer())
+    ]

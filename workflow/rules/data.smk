@@ -6,8 +6,10 @@ rule data:
         directory(f"{RESULTS}/data/{{dataset}}-{{version}}"),
     log:
         f"{LOGS}/data/{{dataset}}-{{version}}.log",
+    params:
+        config=STEP_ARGS,
     shell:
-        "python -m earl.data {STEP_ARGS} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "python -m earl.data {params.config} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
 rule vq:
@@ -18,8 +20,10 @@ rule vq:
     log:
         f"{LOGS}/vq/{{kind}}-{{version}}.log",
     threads: getattr(CFG.vq, "threads", 1)
+    params:
+        config=STEP_ARGS,
     shell:
-        "python -m earl.vq {STEP_ARGS} --out {output} > {log} 2>&1"
+        "python -m earl.vq {params.config} --out {output} > {log} 2>&1"
 
 
 rule text_tokenizer:
@@ -30,5 +34,7 @@ rule text_tokenizer:
         directory(f"{RESULTS}/tokenizer/{{kind}}-{{version}}"),
     log:
         f"{LOGS}/tokenizer/{{kind}}-{{version}}.log",
+    params:
+        config=STEP_ARGS,
     shell:
-        "python -m earl.text_tokenizer {STEP_ARGS} --out {output} > {log} 2>&1"
+        "python -m earl.text_tokenizer {params.config} --out {output} > {log} 2>&1"

@@ -10,5 +10,7 @@ rule tokenize:
     log:
         f"{LOGS}/tokenize/{{dataset}}-{{version}}.log",
     threads: CFG.tokenize.workers * CFG.tokenize.threads_per_worker
+    params:
+        config=STEP_ARGS,
     shell:
-        "python -m earl.tokenize {STEP_ARGS} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "python -m earl.tokenize {params.config} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"

@@ -1,0 +1,319 @@
+"""Images ↔ Emu3 VQ code grids, and training a small ``Emu3VQVAE`` from scratch.
+
+Emu3 (and EARL) turn an image into an ``rows × cols`` grid of codebook indices with ``Emu3VQVAE``: 8× spatial
+downsampling, one code per 8×8 pixel cell. At paper scale the pretrained ``BAAI/Emu3-VisionTokenizer`` is
+loaded; the embedded default trains a small one here. transformers' class only has inference (``encode`` /
+``decode``), so the VQ-VAE objective below is written over the class's own submodules, mirroring every permute
+and reshape of ``Emu3VQVAE.encode`` / ``decode``: a model trained here is used by the rest of the pipeline
+through the unmodified class, and the codes it was trained on are exactly the codes ``encode`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+from earl import artifacts, shapes
+from earl.cli_util import run_step
+from earl.models import fingerprint
+from earl.sources import load_split, open_image
+
+# -------------------------------------------------------------------------------------------- pixels
+
+
+def resize_to_area(img: Image.Image, area: int) -> Image.Image:
+    """Scale to about ``area`` pixels keeping the aspect ratio (spec §A.3), e.g. 1024×768 at 256² → 296×222.
+
+    No snapping to multiples of 8: the encoder floors, so a 222-pixel side gives 27 rows and the last 6 pixel
+    rows are not represented (``grid_shape``). PIL's default resampling (bicubic for RGB), as the original.
+    """
+    img = img.convert("RGB")
+    scale = math.sqrt(area / (img.width * img.height))
+    return img.resize((round(img.width * scale), round(img.height * scale)))
+
+
+def grid_shape(width: int, height: int, factor: int = 8) -> tuple[int, int]:
+    """(rows, cols) of the code grid of a ``width × height`` image: each stride-2 conv floors the size."""
+    return height // factor, width // factor
+
+
+def to_pixels(img: Image.Image) -> torch.Tensor:
+    """RGB image → float [3, H, W] in [-1, 1] (Emu3's processor: rescale 1/255, normalise mean 0.5, std 0.5)."""
+    x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - 0.5) / 0.5
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] → RGB image. Rounds where Emu3's postprocess truncates: float32 ``to_pixels`` puts
+    a quarter of the 256 levels a hair below the integer, so truncating would not invert ``to_pixels``."""
+    x = (pixels.detach().float().cpu() * 0.5 + 0.5) * 255.0
+    return Image.fromarray(x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+# --------------------------------------------------------------------------------------------- codes
+
+
+def _same_shape_batches(shapes: list[tuple], batch_size: int) -> list[list[int]]:
+    """Indices grouped by shape (first-seen order), cut into batches: only equal sizes can be stacked."""
+    groups: dict[tuple, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    return [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+
+
+@torch.inference_mode()
+def encode(vq: Emu3VQVAE, images: list[Image.Image], batch_size: int = 16) -> list[np.ndarray]:
+    """Each image's int64 [rows, cols] code grid, in input order, by ``Emu3VQVAE.encode`` itself."""
+    grids: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
+    for batch in _same_shape_batches([img.size for img in images], batch_size):
+        pixels = torch.stack([to_pixels(images[i]) for i in batch]).to(vq.device, vq.dtype)
+        sizes = torch.tensor([pixels.shape[-2:]] * len(batch))
+        for i, tokens in zip(batch, vq.encode(pixels, image_sizes=sizes).image_tokens):
+            grids[i] = tokens.cpu().numpy().astype(np.int64)
+    return grids
+
+
+@torch.inference_mode()
+def decode(vq: Emu3VQVAE, grids: list[np.ndarray], batch_size: int = 16) -> list[Image.Image]:
+    """Each [rows, cols] code grid's image (8·rows × 8·cols pixels), in input order, by ``Emu3VQVAE.decode``."""
+    images: list[Image.Image] = [None] * len(grids)  # type: ignore[list-item]
+    for batch in _same_shape_batches([np.shape(g) for g in grids], batch_size):
+        codes = torch.from_numpy(np.stack([np.asarray(grids[i], dtype=np.int64) for i in batch])).to(vq.device)
+        for i, pixels in zip(batch, vq.decode(codes)):
+            images[i] = to_image(pixels)
+    return images
+
+
+# ------------------------------------------------------------------------------------------ objective
+
+
+def latents(vq: Emu3VQVAE, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] → pre-quantisation latents z [B, T, C, h, w], exactly as ``Emu3VQVAE.encode`` computes
+    them (a still image is repeated ``temporal_downsample_factor`` times along time; T = 1 after the encoder)."""
+    video = pixels.to(vq.dtype).unsqueeze(1).repeat(1, vq.config.temporal_downsample_factor, 1, 1, 1)
+    hidden = vq.encoder(video)  # [B, T, C, h, w]
+    return vq.quant_conv(hidden.permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
+
+
+def autoencode(vq: Emu3VQVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """encoder → quant_conv → nearest code → straight-through → post_quant_conv → decoder.
+
+    Returns (video [B, T·tdf, 3, H, W], z [B, T, h, w, C], e = codebook[codes] same shape, codes [B, h, w]).
+    The straight-through ``z + sg(e − z)`` equals ``e`` going forward, so the decoder sees what ``decode(codes)``
+    gives it, while the reconstruction gradient reaches the encoder as if quantisation were the identity.
+    """
+    z = latents(vq, pixels)
+    codes = vq.quantize(z)  # [B, T, h, w]: the class's own nearest-neighbour search, hence encode()'s codes
+    z = z.permute(0, 1, 3, 4, 2)  # as Emu3VQVAEVectorQuantizer: channels last
+    e = vq.quantize.embedding(codes)
+    quant = (z + (e - z).detach()).permute(0, 4, 1, 2, 3)  # [B, C, T, h, w], as decode() builds it
+    post_quant = vq.post_quant_conv(quant)
+    video = vq.decoder(post_quant.permute(0, 2, 1, 3, 4), quant.permute(0, 2, 1, 3, 4))
+    batch, temporal, height, width = codes.shape
+    video = video.reshape(batch, temporal * vq.config.temporal_downsample_factor, vq.config.out_channels,
+                          height * vq.spatial_scale_factor, width * vq.spatial_scale_factor)
+    return video, z, e, codes.squeeze(1)
+
+
+def vq_loss(vq: Emu3VQVAE, pixels: torch.Tensor, commitment_cost: float = 0.25) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The VQ-VAE objective (van den Oord et al. 2017): reconstruction + ||sg(z) − e||² + β·||z − sg(e)||².
+
+    The codebook term pulls the chosen codes towards the encoder outputs, the commitment term keeps the encoder
+    from drifting away from its codes. Reconstruction is MSE + L1 over every decoded frame (the input is the
+    image repeated along time, so is the target): MSE fits colours fast, L1 keeps flat regions and edges crisp.
+    Returns (loss, float metrics, codes [B, h, w]).
+    """
+    video, z, e, codes = autoencode(vq, pixels)
+    target = pixels.to(video.dtype).unsqueeze(1).expand_as(video)
+    mse, l1 = F.mse_loss(video, target), F.l1_loss(video, target)
+    codebook, commitment = F.mse_loss(e, z.detach()), F.mse_loss(z, e.detach())
+    loss = mse + l1 + codebook + commitment_cost * commitment
+    metrics = {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(), "codebook": codebook.item(),
+               "commitment": commitment.item(), **usage(codes, vq.config.codebook_size)}
+    return loss, metrics, codes
+
+
+def usage(codes: torch.Tensor, codebook_size: int) -> dict:
+    """Codebook usage of a batch: codes used, and perplexity exp(H) (= codebook size when all are equally used)."""
+    p = torch.bincount(codes.flatten(), minlength=codebook_size).double() / codes.numel()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"used": int((p > 0).sum()), "perplexity": entropy.exp().item()}
+
+
+# ------------------------------------------------------------------------------------------- training
+
+WARMUP = 0.05  # fraction of steps with linear LR warm-up
+MIN_LR = 0.1  # cosine decays to this fraction of cfg.lr
+CODEBOOK_LR = 10.0  # codebook LR as a multiple of cfg.lr (see train_vq)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to MIN_LR·lr: the end of training settles the codes encode() returns."""
+    warmup = max(1, round(WARMUP * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * (MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def kmeans_pp(points: torch.Tensor, centres: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` new centres drawn from ``points`` [N, C] by k-means++ D² sampling, given existing ``centres``.
+
+    Each draw favours points far from every centre so far, so the codes spread over the latents actually
+    produced, rare cells included (a uniform sample would spend most codes on background). Falls back to
+    uniform when every point already coincides with a centre.
+    """
+    pts = points.double()
+    d2 = torch.cdist(pts, centres.double()).min(dim=1).values ** 2 if len(centres) else torch.full((len(pts),), math.inf)
+    chosen = []
+    for _ in range(n):
+        w = d2.numpy() if torch.isfinite(d2).all() and d2.sum() > 0 else np.ones(len(pts))
+        i = int(rng.choice(len(pts), p=w / w.sum()))
+        chosen.append(i)
+        d2 = torch.minimum(d2, ((pts - pts[i]) ** 2).sum(dim=1))
+    return points[chosen]
+
+
+def _flat(z: torch.Tensor) -> torch.Tensor:
+    """[B, T, C, h, w] latents → [B·T·h·w, C] vectors, the codebook's space."""
+    return z.permute(0, 1, 3, 4, 2).reshape(-1, z.shape[2])
+
+
+def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train ``vq`` in place on equal-size ``images``; returns one metrics dict per step. Leaves it in eval mode.
+
+    ``cfg`` needs ``steps, batch_size, lr, seed, commitment_cost, dead_code_steps``. Deterministic on CPU for a
+    given seed and initial weights: batch order comes from a numpy Generator (fresh permutation per epoch).
+
+    Codebook collapse, the usual VQ failure (a few codes take every cell, the rest never get a gradient), is
+    guarded against twice: at step 0 the codebook is k-means++-seeded from the encoder's latents of the first
+    batch; every ``dead_code_steps`` steps the codes unused since the last check are re-seeded, by the same D²
+    sampling, from the current batch's latents that the live codes represent worst.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data = torch.stack([to_pixels(img) for img in images]).to(vq.device, vq.dtype)
+    batch_size = min(cfg.batch_size, len(data))
+    codebook = vq.quantize.embedding.weight
+    others = [p for p in vq.parameters() if p is not codebook]
+    groups = [{"params": others, "scale": 1.0}, {"params": [codebook], "scale": CODEBOOK_LR}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    counts = torch.zeros(vq.config.codebook_size, dtype=torch.long)  # code use since the last dead-code check
+    order, history = np.empty(0, dtype=np.int64), []
+    vq.train()
+    for step in range(cfg.steps):
+        if len(order) < batch_size:
+            order = rng.permutation(len(data))
+        batch, order = data[torch.from_numpy(order[:batch_size])], order[batch_size:]
+        reseeded = 0
+        if step == 0:
+            with torch.no_grad():
+                codebook.copy_(kmeans_pp(_flat(latents(vq, batch)), codebook[:0], len(codebook), rng))
+        elif step % cfg.dead_code_steps == 0:
+            dead = (counts == 0).nonzero().flatten()
+            if len(dead):
+                with torch.no_grad():
+                    live = codebook[counts > 0]
+                    codebook[dead] = kmeans_pp(_flat(latents(vq, batch)), live, len(dead), rng)
+                reseeded = len(dead)
+            counts.zero_()
+        for group in optimizer.param_groups:
+            group["lr"] = group["scale"] * lr_at(step, cfg)
+        loss, metrics, codes = vq_loss(vq, batch, cfg.commitment_cost)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
+        history.append({"step": step, "lr": lr_at(step, cfg), "reseeded": reseeded, **metrics})
+        if log is not None:
+            log(step, history[-1])
+    vq.eval()
+    return history
+
+
+# ----------------------------------------------------------------------------------------------- step
+# python -m earl.vq --config config/config.yaml --out results/vq/<kind>-<hash>
+
+
+def split_images(config, name: str, split: str) -> list[Image.Image]:
+    """Source and target images of one dataset split, resized to the dataset's area as tokenize will."""
+    dataset = config.datasets[name]
+    columns = [c for c in (dataset.columns.source_image, dataset.columns.target_image) if c]
+    data = load_split(config, name, split).select_columns(columns)
+    return [
+        resize_to_area(open_image(row[c], f"dataset {name!r} split {split!r} row {i} column {c!r}"), dataset.image_area)
+        for i, row in enumerate(data)
+        for c in columns
+    ]
+
+
+def object_report(vq: Emu3VQVAE, images: list[Image.Image], world) -> dict:
+    """How well decode(encode(image)) keeps each object of a generated ``shapes`` dataset.
+
+    Reconstructions are parsed back into scenes (:func:`earl.shapes.parse`) and compared with the parse of the
+    originals (which equals the generator's scene exactly): per object, is it still there with its colour and
+    shape; per image, the background and the whole scene.
+    """
+    decoded = decode(vq, encode(vq, images))
+    truth = [shapes.parse(img, world) for img in images]
+    recon = [shapes.parse(img, world) for img in decoded]
+    pairs = [(o, r.at(*o.cell)) for t, r in zip(truth, recon) for o in t.objects]
+    n = max(1, len(pairs))
+    return {
+        "images": len(images),
+        "objects": len(pairs),
+        "object_kept": sum(got == o for o, got in pairs) / n,
+        "colour_kept": sum(got is not None and got.color == o.color for o, got in pairs) / n,
+        "shape_kept": sum(got is not None and got.shape == o.shape for o, got in pairs) / n,
+        "background_kept": sum(t.background == r.background for t, r in zip(truth, recon)) / len(images),
+        "scene_exact": sum(t == r for t, r in zip(truth, recon)) / len(images),
+        "mean_abs_error": float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+                                         for a, b in zip(images, decoded)])),
+    }
+
+
+def build(config, out) -> None:
+    spec = config.vq
+    paths = artifacts.Paths(config)
+    with artifacts.artifact_dir(out) as work:
+        facts = {}
+        if spec.kind == "pretrained":
+            vq = Emu3VQVAE.from_pretrained(spec.path, revision=spec.revision)
+            inputs = []
+        else:
+            torch.set_num_threads(spec.threads)
+            torch.manual_seed(spec.seed)
+            model = spec.model.model_dump()
+            vq = Emu3VQVAE(Emu3VQVAEConfig(**model, hidden_size=model["base_channels"] * model["channel_multiplier"][-1]))
+            images = [img for name in spec.datasets for img in split_images(config, name, spec.split)]
+            history = train_vq(vq, images, spec)
+            with artifacts.atomic_file(work / "history.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
+            facts["final"] = history[-1]
+            facts["reconstruction"] = {
+                name: object_report(vq, split_images(config, name, spec.report_split), config.datasets[name].source)
+                for name in spec.datasets
+                if config.datasets[name].source.kind == "shapes" and spec.report_split in config.datasets[name].splits
+            }
+            inputs = [paths.data(n) for n in spec.datasets if config.datasets[n].source.kind == "shapes"]
+        vq.save_pretrained(work)
+        artifacts.write_manifest(work, step="vq", config=spec, inputs=inputs, fingerprint=fingerprint(vq),
+                                 codebook_size=vq.config.codebook_size, **facts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_step(argparse.ArgumentParser(prog="python -m earl.vq", description=__doc__), build, argv)
+
+
+if __name__ == "__main__":
+    main()

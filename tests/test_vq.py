@@ -1,0 +1,160 @@
+"""earl.vq: Emu3's resize rule, pixel conversion, encode/decode helpers, and the VQ-VAE training objective."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+from earl import vq as V
+
+
+def tiny_vq(seed=0, codebook_size=16, num_res_blocks=0, temporal_downsample_factor=1) -> Emu3VQVAE:
+    """A few-hundred-k-parameter Emu3VQVAE with the real one's 8× downsampling."""
+    torch.manual_seed(seed)
+    config = Emu3VQVAEConfig(
+        codebook_size=codebook_size, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=num_res_blocks, attn_resolutions=[], hidden_size=32,
+        temporal_downsample_factor=temporal_downsample_factor,
+    )
+    return Emu3VQVAE(config)
+
+
+def shapes_images(n, size=32, seed=0) -> list[Image.Image]:
+    """Flat backgrounds with a few flat-colour squares, each inside one 8×8 cell."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255], [0, 0, 0], [128] * 3])
+    images = []
+    for _ in range(n):
+        a = np.broadcast_to(palette[rng.integers(4, 7)], (size, size, 3)).copy()
+        for cell in rng.choice((size // 8) ** 2, 3, replace=False):
+            r, c = divmod(int(cell), size // 8)
+            a[r * 8 + 1 : r * 8 + 7, c * 8 + 1 : c * 8 + 7] = palette[rng.integers(4)]
+        images.append(Image.fromarray(a.astype(np.uint8)))
+    return images
+
+
+def cfg(**overrides):
+    values = dict(steps=30, batch_size=8, lr=3e-3, seed=0, commitment_cost=0.25, dead_code_steps=5)
+    return types.SimpleNamespace(**{**values, **overrides})
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+@pytest.mark.parametrize(
+    "size, area, resized, grid",
+    [((512, 512), 65536, (256, 256), (32, 32)), ((1024, 768), 65536, (296, 222), (27, 37)), ((64, 64), 4096, (64, 64), (8, 8))],
+)
+def test_resize_to_area_and_grid_shape(size, area, resized, grid):
+    img = Image.new("RGB", size, (10, 20, 30))
+    out = V.resize_to_area(img, area)
+    assert out.size == resized  # PIL sizes are (width, height)
+    assert V.grid_shape(*out.size) == grid
+
+
+def test_resize_at_its_own_area_is_identity():
+    img = shapes_images(1, size=64)[0]
+    assert np.array_equal(np.asarray(V.resize_to_area(img, 64 * 64)), np.asarray(img))
+
+
+def test_grid_shape_is_what_the_encoder_produces():
+    vq = tiny_vq()
+    (codes,) = V.encode(vq, [V.resize_to_area(Image.new("RGB", (1024, 768)), 296 * 222)])
+    assert codes.shape == V.grid_shape(296, 222) == (27, 37)
+
+
+def test_pixels_round_trip_exactly():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    pixels = V.to_pixels(img)
+    assert pixels.shape == (3, 16, 24) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1 and pixels.max() <= 1
+    assert np.array_equal(np.asarray(V.to_image(pixels)), np.asarray(img))
+    assert V.to_pixels(Image.new("RGB", (1, 1), (0, 255, 128))).flatten().tolist() == pytest.approx([-1, 1, 1 / 255], abs=1e-6)
+
+
+def test_to_image_clips():
+    assert np.asarray(V.to_image(torch.tensor([-3.0, 3.0, 0.0]).view(3, 1, 1))).tolist() == [[[0, 255, 128]]]
+
+
+# ------------------------------------------------------------------------------------------- codes
+
+
+def test_encode_and_decode_helpers_equal_the_class_methods():
+    vq = tiny_vq()
+    images = shapes_images(3, size=32) + shapes_images(2, size=16, seed=1) + shapes_images(1, size=32, seed=2)
+    grids = V.encode(vq, images, batch_size=2)
+    for img, grid in zip(images, grids):
+        pixels = V.to_pixels(img)[None]
+        (expected,) = vq.encode(pixels, image_sizes=torch.tensor([pixels.shape[-2:]])).image_tokens
+        assert grid.dtype == np.int64 and np.array_equal(grid, expected.numpy())
+    decoded = V.decode(vq, grids, batch_size=2)
+    for grid, img in zip(grids, decoded):
+        assert img.size == (8 * grid.shape[1], 8 * grid.shape[0])
+        with torch.no_grad():
+            expected = V.to_image(vq.decode(torch.from_numpy(grid)[None])[0])
+        assert np.array_equal(np.asarray(img), np.asarray(expected))
+
+
+# --------------------------------------------------------------------------------------- objective
+
+
+@pytest.mark.parametrize("temporal_downsample_factor", [1, 4])
+def test_vq_loss_codes_and_reconstruction_are_encode_and_decode(temporal_downsample_factor):
+    """After some training (codebook re-seeded, BatchNorm statistics moved), in eval mode the objective's codes
+    are encode()'s and its straight-through reconstruction is decode(codes)."""
+    vq = tiny_vq(num_res_blocks=1, temporal_downsample_factor=temporal_downsample_factor)
+    V.train_vq(vq, shapes_images(8, size=16), cfg(steps=6, batch_size=4, dead_code_steps=2))
+    assert not vq.training
+    pixels = torch.rand(3, 3, 24, 40) * 2 - 1
+    with torch.no_grad():
+        _, metrics, codes = V.vq_loss(vq, pixels)
+        expected = vq.encode(pixels, image_sizes=torch.tensor([[24, 40]] * 3)).image_tokens
+        video, _, _, _ = V.autoencode(vq, pixels)
+        decoded = vq.decode(codes)
+    assert codes.shape == (3, 3, 5)
+    assert torch.equal(codes, torch.stack(expected))
+    assert torch.allclose(video[:, 0], decoded, atol=1e-5)
+    assert metrics["used"] == len(codes.unique())
+
+
+def test_kmeans_pp_spreads_over_clusters():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points = (centres[:, None] + 0.01 * torch.randn(4, 50, 2)).reshape(-1, 2)
+    picked = V.kmeans_pp(points, centres[:0], 4, np.random.default_rng(0))
+    assert sorted(torch.cdist(picked, centres).argmin(dim=1).tolist()) == [0, 1, 2, 3]
+    extra = V.kmeans_pp(points, centres[:3], 1, np.random.default_rng(0))  # the one cluster not yet covered
+    assert torch.cdist(extra, centres).argmin().item() == 3
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_and_is_deterministic():
+    images = shapes_images(16)
+    runs = []
+    for _ in range(2):
+        vq = tiny_vq(seed=1)
+        history = V.train_vq(vq, images, cfg(steps=30))
+        runs.append((vq.state_dict(), history))
+    (weights, history), (weights2, history2) = runs
+    assert len(history) == 30 and {"loss", "mse", "codebook", "commitment", "used", "perplexity"} <= history[0].keys()
+    assert np.mean([h["loss"] for h in history[-5:]]) < 0.5 * np.mean([h["loss"] for h in history[:5]])
+    assert history == history2
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)
+
+
+def test_dead_code_reseeding_keeps_more_codes_in_use():
+    images = shapes_images(16)
+    used = {}
+    for dead_code_steps in (5, 10**9):
+        vq = tiny_vq(seed=1, codebook_size=32)
+        history = V.train_vq(vq, images, cfg(steps=30, lr=1e-2, dead_code_steps=dead_code_steps))
+        used[dead_code_steps] = len(np.unique(np.concatenate([g.ravel() for g in V.encode(vq, images)])))
+        assert sum(h["reseeded"] for h in history) > 0 if dead_code_steps == 5 else sum(h["reseeded"] for h in history) == 0
+    assert used[5] > used[10**9] > 1
