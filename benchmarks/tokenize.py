@@ -39,7 +39,7 @@ def bench_step(config_path: str, workers: list[int]) -> None:
     paths = Paths(config)
     name = next(iter(config.datasets))
     needed = [str(paths.data(n)) for n in config.datasets if config.datasets[n].source.kind == "shapes"] + [str(paths.vq())]
-    subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile", config_path, *needed],
+    subprocess.run(["snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", *needed, "--configfile", config_path],
                    check=True, cwd=REPO, capture_output=True)
     for n in workers:
         with tempfile.TemporaryDirectory() as tmp:

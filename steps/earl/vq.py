@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
 from earl import artifacts, shapes
@@ -294,7 +295,9 @@ def build(config, out) -> None:
             model = spec.model.model_dump()
             vq = Emu3VQVAE(Emu3VQVAEConfig(**model, hidden_size=model["base_channels"] * model["channel_multiplier"][-1]))
             images = [img for name in spec.datasets for img in split_images(config, name, spec.split)]
-            history = train_vq(vq, images, spec)
+            with tqdm(total=spec.steps, desc="train vq", unit="step", mininterval=5) as bar:
+                history = train_vq(vq, images, spec, log=lambda step, m: bar.update() or bar.set_postfix(
+                    loss=f"{m['loss']:.4f}", used=m["used"], refresh=False))
             with artifacts.atomic_file(work / "history.csv") as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(history[0]))
                 writer.writeheader()
