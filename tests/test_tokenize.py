@@ -167,3 +167,18 @@ def test_cot_boxes_are_rescaled_with_the_image():
 def test_resize_rule_worked_numbers():
     assert resize_to_area(Image.new("RGB", (1024, 768)), 65536).size == (296, 222)
     assert resize_to_area(Image.new("RGB", (512, 512)), 65536).size == (256, 256)
+
+
+def test_paper_kinds_load_pretrained_vq_and_tokenizer_from_local_paths(built):
+    """Paper mode's loaders (`kind: pretrained`, HF id or path) on local copies: same weights, same vocabulary."""
+    root, data, _, paths = built
+    config = json.loads(json.dumps(data))
+    config["vq"] = {"kind": "pretrained", "path": str(paths.vq())}
+    config["text_tokenizer"] = {"kind": "pretrained", "path": str(paths.text_tokenizer())}
+    config_file = write_config(root / "paper-kinds.yaml", config)
+    pretrained = artifacts.Paths(from_dict(config))
+    for name, out in (("vq", pretrained.vq()), ("text_tokenizer", pretrained.text_tokenizer())):
+        result = step(name, config_file, out)
+        assert result.returncode == 0, result.stderr
+    assert artifacts.read_manifest(pretrained.vq())["fingerprint"] == artifacts.read_manifest(paths.vq())["fingerprint"]
+    assert load_text_tokenizer(pretrained.text_tokenizer()).get_vocab() == load_text_tokenizer(paths.text_tokenizer()).get_vocab()

@@ -113,7 +113,10 @@ def tokenize_shard(config: Config, name: str, split: str, index: int, work: Path
     n_shards = config.tokenize.shards
     data = load_split(config, name, split)
     rows = shard_ranges(len(data), n_shards)[index]
-    vq = load_vq(artifacts.Paths(config).vq()).to(config.tokenize.device)
+    device = config.tokenize.device
+    if device == "cuda":  # spread shards over the node's GPUs, one worker process per shard at a time
+        device = f"cuda:{index % torch.cuda.device_count()}"
+    vq = load_vq(artifacts.Paths(config).vq()).to(device)
     out, skipped = tokenize_rows(config, name, split, data.select(rows), rows.start, vq)
     path = shard_path(work, split, index, n_shards)
     artifacts.write_text_atomic(path.with_suffix(".json"), json.dumps({"rows": len(out["id"]), "skipped": skipped}))

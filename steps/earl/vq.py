@@ -233,7 +233,8 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
         loss.backward()
         optimizer.step()
         counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
-        history.append({"step": step, "lr": lr_at(step, cfg), "reseeded": reseeded, **metrics})
+        live = int((counts > 0).sum())  # codes used since the last dead-code check
+        history.append({"step": step, "lr": lr_at(step, cfg), "reseeded": reseeded, "live": live, **metrics})
         if log is not None:
             log(step, history[-1])
     vq.eval()
