@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from tokenizers import Tokenizer, models
 from earl import text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+# Step CLIs and Snakemake run as subprocesses: make them import this checkout's package, whichever checkout
+# an editable install last pointed at.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "steps"), os.environ.get("PYTHONPATH")]))
 PAPER_BASE_VOCAB = 151643  # regular BPE ids of Emu3's (Qwen) tokenizer: 0 … 151642
 PAPER_CODEBOOK = 32768
 
