@@ -58,26 +58,25 @@ class Paths:
         """Generated parquet splits of a ``shapes`` dataset."""
         return self.root / "data" / f"{name}-{stable_hash(self.config.datasets[name].source)}"
 
-    def _dataset_inputs(self, name: str) -> list[str]:
-        # A generated dataset is an input by its path; a hub dataset by its config (id, revision, files).
-        if self.config.datasets[name].source.kind == "shapes":
-            return [self.data(name).name]
-        return []
+    def generated(self, names) -> list[Path]:
+        """Data directories of those named datasets the pipeline generates (a hub dataset is read in place)."""
+        return [self.data(n) for n in names if self.config.datasets[n].source.kind == "shapes"]
 
     def vq(self) -> Path:
         vq = self.config.vq
-        inputs = [self.data(n).name for n in getattr(vq, "datasets", []) if self.config.datasets[n].source.kind == "shapes"]
+        inputs = [p.name for p in self.generated(getattr(vq, "datasets", []))]
         return self.root / "vq" / f"{vq.kind}-{stable_hash(vq, inputs)}"
 
     def text_tokenizer(self) -> Path:
         tok = self.config.text_tokenizer
-        inputs = [self.data(n).name for n in getattr(tok, "datasets", []) if self.config.datasets[n].source.kind == "shapes"]
+        inputs = [p.name for p in self.generated(getattr(tok, "datasets", []))]
         return self.root / "tokenizer" / f"{tok.kind}-{stable_hash(tok, inputs, self.vq().name)}"
 
     def tokenized(self, name: str) -> Path:
         dataset = self.config.datasets[name]
         own = {"dataset": dataset, "tokenize": self.config.tokenize.model_dump(exclude={"workers"})}
-        return self.root / "tokenized" / f"{name}-{stable_hash(own, self._dataset_inputs(name), self.vq().name)}"
+        inputs = [p.name for p in self.generated([name])]
+        return self.root / "tokenized" / f"{name}-{stable_hash(own, inputs, self.vq().name)}"
 
 
 # ------------------------------------------------------------------------------------------- manifests

@@ -77,7 +77,8 @@ def load_text_tokenizer(path: str | Path, revision: str | None = None, trust_rem
 
 def build(config: Config, out: Path) -> None:
     spec = config.text_tokenizer
-    vq_dir = artifacts.Paths(config).vq()
+    paths = artifacts.Paths(config)
+    vq_dir = paths.vq()
     codebook_size = load_vq(vq_dir).config.codebook_size
     with artifacts.artifact_dir(out) as work:
         if spec.kind == "bpe":
@@ -87,7 +88,7 @@ def build(config: Config, out: Path) -> None:
         ids = layout.SpecialIds.from_tokenizer(tokenizer, codebook_size)  # fails early on a non-Emu3 vocabulary
         tokenizer.save_pretrained(work)
         artifacts.write_manifest(
-            work, step="text_tokenizer", config=spec, inputs=[vq_dir],
+            work, step="text_tokenizer", config=spec, inputs=[vq_dir, *paths.generated(getattr(spec, "datasets", []))],
             vocab_size=len(tokenizer), special_ids=json.loads(json.dumps(ids.__dict__)),
         )
 

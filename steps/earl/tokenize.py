@@ -119,7 +119,9 @@ def tokenize_shard(config: Config, name: str, split: str, index: int, work: Path
     vq = load_vq(artifacts.Paths(config).vq()).to(device)
     out, skipped = tokenize_rows(config, name, split, data.select(rows), rows.start, vq)
     path = shard_path(work, split, index, n_shards)
-    artifacts.write_text_atomic(path.with_suffix(".json"), json.dumps({"rows": len(out["id"]), "skipped": skipped}))
+    grids = Counter(f"{len(g)}x{len(g[0])}" for g in out["source_codes"])
+    sidecar = {"rows": len(out["id"]), "skipped": skipped, "source_grids": grids}
+    artifacts.write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar))
     with artifacts.atomic_file(path) as tmp:
         datasets.Dataset.from_dict(out, features=output_features(config, name, data)).to_parquet(str(tmp))
 
@@ -133,7 +135,7 @@ def build(config: Config, out: Path, dataset: str) -> None:
         raise DataError(f"--dataset {dataset!r} is not in config.datasets ({sorted(config.datasets)})")
     spec = config.tokenize
     paths = artifacts.Paths(config)
-    inputs = [paths.vq()] + ([paths.data(dataset)] if config.datasets[dataset].source.kind == "shapes" else [])
+    inputs = [paths.vq(), *paths.generated([dataset])]
     with artifacts.artifact_dir(out) as work:
         jobs = [
             (config, dataset, split, i, work)
@@ -148,15 +150,13 @@ def build(config: Config, out: Path, dataset: str) -> None:
             with multiprocessing.get_context("spawn").Pool(min(spec.workers, len(jobs))) as pool:
                 for _ in tqdm(pool.imap_unordered(_run, jobs), total=len(jobs), desc=f"tokenize {dataset}", unit="shard"):
                     pass
-        stats = {}
+        stats, grids = {}, Counter()
         for split in config.datasets[dataset].splits:
             sidecars = [json.loads(shard_path(work, split, i, spec.shards).with_suffix(".json").read_text()) for i in range(spec.shards)]
             skipped = [s for sidecar in sidecars for s in sidecar["skipped"]]
+            for sidecar in sidecars:
+                grids.update(sidecar["source_grids"])
             stats[split] = {"rows": sum(s["rows"] for s in sidecars), "skipped": len(skipped), "skipped_rows": skipped[:100]}
-        grids = Counter()
-        for split in stats:
-            table = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in work.glob(f"{split}-*.parquet")), split="train")
-            grids.update(f"{len(g)}x{len(g[0])}" for g in table["source_codes"])
         artifacts.write_manifest(
             work, step="tokenize", config={"dataset": config.datasets[dataset], "tokenize": spec}, inputs=inputs,
             dataset=dataset, splits=stats, shards=spec.shards, source_grids=dict(sorted(grids.items())),

@@ -309,7 +309,7 @@ def build(config, out) -> None:
                 for name in spec.datasets
                 if config.datasets[name].source.kind == "shapes" and spec.report_split in config.datasets[name].splits
             }
-            inputs = [paths.data(n) for n in spec.datasets if config.datasets[n].source.kind == "shapes"]
+            inputs = paths.generated(spec.datasets)
         vq.save_pretrained(work)
         artifacts.write_manifest(work, step="vq", config=spec, inputs=inputs, fingerprint=fingerprint(vq),
                                  codebook_size=vq.config.codebook_size, **facts)

@@ -50,10 +50,7 @@ wildcard_constraints:
 
 
 def generated(names):
-    """Data directories of the named datasets that the pipeline generates itself."""
-    return [
-        str(PATHS.data(n)) for n in names if CFG.datasets[n].source.kind == "shapes"
-    ]
+    return [str(p) for p in PATHS.generated(names)]
 
 
 def all_targets():
