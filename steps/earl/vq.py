@@ -62,11 +62,11 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
 # --------------------------------------------------------------------------------------------- codes
 
 
-def _same_shape_batches(shapes: list[tuple], batch_size: int) -> list[list[int]]:
-    """Indices grouped by shape (first-seen order), cut into batches: only equal sizes can be stacked."""
+def _same_shape_batches(sizes: list[tuple], batch_size: int) -> list[list[int]]:
+    """Indices grouped by size (first-seen order), cut into batches: only equal sizes can be stacked."""
     groups: dict[tuple, list[int]] = {}
-    for i, shape in enumerate(shapes):
-        groups.setdefault(shape, []).append(i)
+    for i, size in enumerate(sizes):
+        groups.setdefault(size, []).append(i)
     return [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
 
 
@@ -153,7 +153,6 @@ def usage(codes: torch.Tensor, codebook_size: int) -> dict:
 
 WARMUP = 0.05  # fraction of steps with linear LR warm-up
 MIN_LR = 0.1  # cosine decays to this fraction of cfg.lr
-CODEBOOK_LR = 10.0  # codebook LR as a multiple of cfg.lr (see train_vq)
 
 
 def lr_at(step: int, cfg) -> float:
@@ -172,8 +171,8 @@ def kmeans_pp(points: torch.Tensor, centres: torch.Tensor, n: int, rng: np.rando
     produced, rare cells included (a uniform sample would spend most codes on background). Falls back to
     uniform when every point already coincides with a centre.
     """
-    pts = points.double()
-    d2 = torch.cdist(pts, centres.double()).min(dim=1).values ** 2 if len(centres) else torch.full((len(pts),), math.inf)
+    pts, centres = points.detach().double().cpu(), centres.detach().double().cpu()
+    d2 = torch.cdist(pts, centres).min(dim=1).values ** 2 if len(centres) else torch.full((len(pts),), math.inf)
     chosen = []
     for _ in range(n):
         w = d2.numpy() if torch.isfinite(d2).all() and d2.sum() > 0 else np.ones(len(pts))
@@ -189,7 +188,10 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
 
 
 def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Train ``vq`` in place on equal-size ``images``; returns one metrics dict per step. Leaves it in eval mode.
+    """Train ``vq`` in place on equal-size ``images``; returns one metrics dict per step.
+
+    Trains in train mode (the temporal blocks' BatchNorm uses batch statistics) and leaves the model in eval
+    mode, where ``encode``/``decode`` run and where ``vq_loss``'s codes are exactly ``encode``'s.
 
     ``cfg`` needs ``steps, batch_size, lr, seed, commitment_cost, dead_code_steps``. Deterministic on CPU for a
     given seed and initial weights: batch order comes from a numpy Generator (fresh permutation per epoch).
@@ -204,10 +206,9 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
     data = torch.stack([to_pixels(img) for img in images]).to(vq.device, vq.dtype)
     batch_size = min(cfg.batch_size, len(data))
     codebook = vq.quantize.embedding.weight
-    others = [p for p in vq.parameters() if p is not codebook]
-    groups = [{"params": others, "scale": 1.0}, {"params": [codebook], "scale": CODEBOOK_LR}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    counts = torch.zeros(vq.config.codebook_size, dtype=torch.long)  # code use since the last dead-code check
+    # no weight decay: it would pull unused and rare codes towards 0, away from the latents they stand for
+    optimizer = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    counts = torch.zeros(len(codebook), dtype=torch.long, device=codebook.device)  # use since the last check
     order, history = np.empty(0, dtype=np.int64), []
     vq.train()
     for step in range(cfg.steps):
@@ -222,19 +223,19 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
             dead = (counts == 0).nonzero().flatten()
             if len(dead):
                 with torch.no_grad():
-                    live = codebook[counts > 0]
-                    codebook[dead] = kmeans_pp(_flat(latents(vq, batch)), live, len(dead), rng)
+                    codebook[dead] = kmeans_pp(_flat(latents(vq, batch)), codebook[counts > 0], len(dead), rng)
                 reseeded = len(dead)
             counts.zero_()
+        lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = group["scale"] * lr_at(step, cfg)
+            group["lr"] = lr
         loss, metrics, codes = vq_loss(vq, batch, cfg.commitment_cost)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
+        counts += torch.bincount(codes.flatten(), minlength=len(counts))
         live = int((counts > 0).sum())  # codes used since the last dead-code check
-        history.append({"step": step, "lr": lr_at(step, cfg), "reseeded": reseeded, "live": live, **metrics})
+        history.append({"step": step, "lr": lr, "reseeded": reseeded, "live": live, **metrics})
         if log is not None:
             log(step, history[-1])
     vq.eval()
