@@ -20,6 +20,8 @@ if not workflow.configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/sft.smk"
+include: "workflow/rules/rl.smk"
 
 
 rule all:

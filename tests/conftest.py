@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from tokenizers import Tokenizer, models
 
-from earl import text_tokenizer
+from earl import artifacts, text_tokenizer
+from earl.config import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 # Step CLIs and Snakemake run as subprocesses: make them import this checkout's package, whichever checkout
@@ -56,3 +59,28 @@ def tiny_config(results, **overrides) -> dict:
 def write_config(path, data) -> str:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
+
+
+def step(name: str, config: str, out, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m earl.<name>`` as a rule would."""
+    return subprocess.run([sys.executable, "-m", f"earl.{name}", "--config", config, "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """data, vq, text_tokenizer and tokenize of both default datasets at test size, through the step CLIs.
+
+    Returns (root, config dict, config file, Paths). Tests write their own outputs under ``root``.
+    """
+    root = tmp_path_factory.mktemp("pipeline")
+    data = tiny_config(root / "results")
+    config_file = write_config(root / "config.yaml", data)
+    paths = artifacts.Paths(from_dict(data))
+    jobs = [("data", paths.data(n), "--dataset", n) for n in data["datasets"]]
+    jobs += [("vq", paths.vq()), ("text_tokenizer", paths.text_tokenizer())]
+    jobs += [("tokenize", paths.tokenized(n), "--dataset", n) for n in data["datasets"]]
+    for name, out, *extra in jobs:
+        result = step(name, config_file, out, *extra)
+        assert result.returncode == 0, result.stderr
+    return root, data, config_file, paths

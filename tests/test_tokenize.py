@@ -5,15 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config, write_config
+from conftest import step, write_config
 from earl import artifacts, tokenize
 from earl.config import from_dict
 from earl.layout import Layout
@@ -22,28 +20,13 @@ from earl.text_tokenizer import load_text_tokenizer
 from earl.vq import encode, resize_to_area
 
 
-def step(name: str, config: str, out, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"earl.{name}", "--config", config, "--out", str(out), *extra],
-                          capture_output=True, text=True)
-
-
 def digest(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.parquet"))}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Run data, vq and text_tokenizer once for the module; tests tokenize into their own directories."""
-    root = tmp_path_factory.mktemp("pipeline")
-    data = tiny_config(root / "results")
-    config_file = write_config(root / "config.yaml", data)
-    paths = artifacts.Paths(from_dict(data))
-    for name in data["datasets"]:
-        assert step("data", config_file, paths.data(name), "--dataset", name).returncode == 0
-    for name, out in (("vq", paths.vq()), ("text_tokenizer", paths.text_tokenizer())):
-        result = step(name, config_file, out)
-        assert result.returncode == 0, result.stderr
-    return root, data, config_file, paths
+@pytest.fixture
+def built(tiny_pipeline):
+    return tiny_pipeline
 
 
 def test_tokenized_shards_hold_the_vq_codes_of_the_data(built):

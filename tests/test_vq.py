@@ -38,9 +38,20 @@ def shapes_images(n, size=32, seed=0) -> list[Image.Image]:
     return images
 
 
+def edit_pairs(n, size=32, seed=0) -> list[tuple[Image.Image, Image.Image]]:
+    """(source, target) pairs: the target is the source with one cell repainted, the rest untouched."""
+    pairs = []
+    for k, img in enumerate(shapes_images(n, size, seed)):
+        a = np.asarray(img).copy()
+        r, c = divmod(k % ((size // 8) ** 2), size // 8)
+        a[r * 8 + 2 : r * 8 + 6, c * 8 + 2 : c * 8 + 6] = (255, 0, 255)
+        pairs.append((img, Image.fromarray(a)))
+    return pairs
+
+
 def cfg(**overrides):
     """The attributes train_vq reads (the pipeline passes its ``config.vq``)."""
-    values = dict(steps=30, batch_size=8, lr=3e-3, seed=0, commitment_cost=0.25, dead_code_steps=5)
+    values = dict(steps=30, batch_size=4, lr=3e-3, seed=0, commitment_cost=0.25, dead_code_steps=5, locality_weight=0.0)
     return types.SimpleNamespace(**{**values, **overrides})
 
 
@@ -110,11 +121,11 @@ def test_vq_loss_codes_and_reconstruction_are_encode_and_decode(temporal_downsam
     """After some training (codebook re-seeded, BatchNorm statistics moved), in eval mode the objective's codes
     are encode()'s and its straight-through reconstruction is decode(codes)."""
     vq = tiny_vq(num_res_blocks=1, temporal_downsample_factor=temporal_downsample_factor)
-    V.train_vq(vq, shapes_images(8, size=16), cfg(steps=6, batch_size=4, dead_code_steps=2))
+    V.train_vq(vq, edit_pairs(8, size=16), cfg(steps=6, batch_size=2, dead_code_steps=2))
     assert not vq.training
     pixels = torch.rand(3, 3, 24, 40) * 2 - 1
     with torch.no_grad():
-        _, metrics, codes = V.vq_loss(vq, pixels)
+        _, metrics, codes, _ = V.vq_loss(vq, pixels)
         expected = vq.encode(pixels, image_sizes=torch.tensor([[24, 40]] * 3)).image_tokens
         video, _, _, _ = V.autoencode(vq, pixels)
         decoded = vq.decode(codes)
@@ -137,14 +148,14 @@ def test_kmeans_pp_spreads_over_clusters():
 
 
 def test_training_lowers_the_loss_and_is_deterministic():
-    images = shapes_images(16)
+    pairs = edit_pairs(8)
     runs = []
     for _ in range(2):
         vq = tiny_vq(seed=1)
-        history = V.train_vq(vq, images, cfg(steps=30))
+        history = V.train_vq(vq, pairs, cfg(steps=30, locality_weight=1.0))
         runs.append((vq.state_dict(), history))
     (weights, history), (weights2, history2) = runs
-    assert len(history) == 30 and {"loss", "mse", "codebook", "commitment", "used", "perplexity", "live"} <= history[0].keys()
+    assert len(history) == 30 and {"loss", "mse", "codebook", "commitment", "used", "perplexity", "live", "locality"} <= history[0].keys()
     assert np.mean([h["loss"] for h in history[-5:]]) < 0.5 * np.mean([h["loss"] for h in history[:5]])
     assert history == history2
     assert all(torch.equal(weights[k], weights2[k]) for k in weights)
@@ -152,12 +163,32 @@ def test_training_lowers_the_loss_and_is_deterministic():
 
 def test_dead_code_reseeding_keeps_more_codes_in_use():
     """At a high LR many codes fall out of use; re-seeding them from current latents brings them back."""
-    images = shapes_images(16)
+    pairs = edit_pairs(8)
+    images = [img for pair in pairs for img in pair]
     used, reseeded = {}, {}
     for dead_code_steps in (5, 10**9):  # 10**9: never checked, never re-seeded
         vq = tiny_vq(seed=1, codebook_size=32)
-        history = V.train_vq(vq, images, cfg(steps=30, lr=1e-2, dead_code_steps=dead_code_steps))
+        history = V.train_vq(vq, pairs, cfg(steps=30, lr=1e-2, dead_code_steps=dead_code_steps))
         used[dead_code_steps] = len(np.unique(np.concatenate([g.ravel() for g in V.encode(vq, images)])))
         reseeded[dead_code_steps] = sum(h["reseeded"] for h in history)
     assert reseeded[5] > 0 and reseeded[10**9] == 0
     assert used[5] > used[10**9] > 1
+
+
+def test_unchanged_cells_and_locality_loss():
+    source, target = (V.to_pixels(img)[None] for img in edit_pairs(1)[0])
+    mask = V.unchanged_cells(source, target, 8)[0]
+    assert mask.shape == (4, 4) and not mask[0, 0] and mask.sum() == 15  # only the repainted cell changed
+    z = torch.randn(1, 1, 4, 4, 3)
+    moved = z.clone()
+    moved[0, 0, 0, 0] += 5.0  # a change inside the edited cell costs nothing ...
+    assert V.locality_loss(z, moved, mask[None]).item() == 0.0
+    moved[0, 0, 3, 3] += 1.0  # ... a change anywhere else does
+    assert V.locality_loss(z, moved, mask[None]).item() > 0.0
+
+
+def test_recoded_fraction_is_zero_for_identical_pairs_only():
+    vq = tiny_vq(seed=2)
+    pairs = edit_pairs(4)
+    assert V.recoded_fraction(vq, [(a, a) for a, _ in pairs]) == 0.0
+    assert 0.0 <= V.recoded_fraction(vq, pairs) <= 1.0

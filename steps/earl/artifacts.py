@@ -78,6 +78,27 @@ class Paths:
         inputs = [p.name for p in self.generated([name])]
         return self.root / "tokenized" / f"{name}-{stable_hash(own, inputs, self.vq().name)}"
 
+    def sft(self, experiment: str, stage: int = -1) -> Path:
+        """Output of SFT stage ``stage`` (default: the last) of ``experiment``.
+
+        Named by what it is trained on, not by the experiment, so two experiments with the same SFT stages
+        (and the same sft section) share one artifact.
+        """
+        stages = self.config.experiments[experiment].sft
+        stage = stage % len(stages)
+        this = stages[stage]
+        inputs = [self.tokenized(n).name for n in this.datasets] + [self.text_tokenizer().name]
+        parent = self.sft(experiment, stage - 1).name if stage > 0 else None
+        label = "+".join(this.datasets)
+        return self.root / "sft" / f"{label}-{stable_hash(self.config.sft, this, inputs, parent)}"
+
+    def rl(self, experiment: str) -> Path:
+        """GRPO output of ``experiment``: named by its RL pool, versioned by the SFT start, pool and rl section."""
+        stage = self.config.experiments[experiment].rl
+        inputs = [self.sft(experiment).name, *(self.tokenized(n).name for n in stage.datasets)]
+        label = "+".join(stage.datasets)
+        return self.root / "rl" / f"{label}-{stable_hash(self.config.rl, stage, inputs)}"
+
 
 # ------------------------------------------------------------------------------------------- manifests
 

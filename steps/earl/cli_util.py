@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -40,8 +41,8 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def run_step(parser: argparse.ArgumentParser, build: Callable[..., None], argv: list[str] | None, **extra) -> None:
-    """Parse the shared arguments and run ``build(config, out, **extra_args)`` with one-line errors."""
+def run_step(parser: argparse.ArgumentParser, build: Callable[..., Any], argv: list[str] | None, **extra) -> Any:
+    """Parse the shared arguments and return ``build(config, out, **extra_args)``, with one-line errors."""
     parser.add_argument("--config", nargs="+", required=True, help="config YAML file(s), later files win")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--out", required=True, type=Path, help="the step's versioned output directory")
@@ -49,6 +50,6 @@ def run_step(parser: argparse.ArgumentParser, build: Callable[..., None], argv: 
     try:
         config = read_config(args.config, args.set)
         kwargs = {k: getattr(args, k) for k in extra}
-        build(config, args.out, **kwargs)
+        return build(config, args.out, **kwargs)
     except (ConfigError, DataError) as error:
         sys.exit(f"error: {error}")

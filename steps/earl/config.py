@@ -127,9 +127,10 @@ class TrainedVQ(Section):
     split: str = "train"
     model: VQModel
     steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="edit pairs (source and target images) per step")
     lr: float = Field(gt=0)
     commitment_cost: float = 0.25
+    locality_weight: float = Field(0.0, ge=0, description="weight of the edit-locality loss (earl.vq.locality_loss)")
     dead_code_steps: int = Field(20, ge=1, description="re-seed codes unused for this many steps")
     report_split: str = Field("validation", description="held-out split for the per-object reconstruction report")
     seed: int = 0
@@ -166,6 +167,15 @@ class Tokenize(Section):
 # Field names follow the paper's scripts (spec §B.4, §C.11, §H) and transformers' TrainingArguments.
 
 
+class QualityCheck(Section):
+    """Held-out edits generated and scored after training (verifier datasets only), recorded in the manifest."""
+
+    split: str = "test"
+    samples: int = Field(200, ge=1, description="rows per dataset")
+    batch_size: int = Field(64, ge=1)
+    max_tokens: int = Field(description="generation budget; must cover one image block plus EOS")
+
+
 class SFT(Section):
     """Supervised fine-tuning on the target part of the sequence (spec §B, §H.4)."""
 
@@ -185,15 +195,22 @@ class SFT(Section):
     per_device_train_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(8, ge=1)
     num_processes: int = Field(4, ge=1, description="data-parallel ranks; effective batch = per-device × accumulation × ranks")
+    gpus: int = Field(0, ge=0, description="GPUs the sft job asks the scheduler for (one per process on GPU clusters)")
+    threads_per_process: int = Field(1, ge=1, description="CPU threads per process (OMP_NUM_THREADS)")
     num_train_epochs: float = 5
+    max_steps: int = Field(-1, description="optimizer steps; -1: num_train_epochs decides")
     early_stopping_patience: int | None = Field(3, description="evaluations without validation-loss improvement")
     eval_steps: int = 100
     save_steps: int = 100
+    save_total_limit: int | None = Field(50, description="checkpoints kept for resuming (spec §B.4 kept 50)")
+    logging_steps: int = 10
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="W&B optional, never required")
     validation_size: int = 1000
     gradient_checkpointing: bool = True
     max_length: int = Field(3000, description="longer examples are dropped and counted, never truncated")
     dropout: float = Field(0.0, description="every dropout of the model, so SFT and RL agree (spec §F.12)")
     deepspeed: str | None = Field("config/deepspeed/zero3.json", description="DeepSpeed config; null: plain DDP")
+    quality_check: QualityCheck | None = None
     seed: int = 42
 
 
@@ -212,8 +229,10 @@ class GRPO(Section):
 
     episodes_per_iteration: int = 128
     generations_per_sample: int = 8
-    per_device_batch_size: int = 8
-    num_processes: int = 4
+    per_device_batch_size: int = Field(8, ge=1, description="sequences per forward/backward micro-batch")
+    num_processes: int = Field(4, ge=1, description="ranks, each with its own rollout engine")
+    gpus: int = Field(0, ge=0, description="GPUs the rl job asks the scheduler for")
+    threads_per_process: int = Field(1, ge=1, description="CPU threads per process (OMP_NUM_THREADS)")
     learning_rate: float = 3e-6
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -232,6 +251,10 @@ class GRPO(Section):
     separate_language_and_vision_vocabs: bool = True
     num_iterations: int = 2000
     save_every: int = 100
+    eval_every: int | None = Field(None, description="held-out greedy reward every N iterations; null: only before and after")
+    heldout_split: str = "validation"
+    heldout_samples: int = Field(200, ge=1, description="held-out rows per dataset")
+    rollout_batch_size: int = Field(64, ge=1, description="sequences the built-in engine decodes together")
     engine: Literal["hf", "vllm"] = "hf"
     reward: Reward
     seed: int = 42
@@ -257,6 +280,15 @@ class Stage(Section):
         min_length=1, description="dataset -> sampling coefficient; all null: upsample each to the largest (spec §B.3)"
     )
     cot_keys: list[str] = []
+
+    @model_validator(mode="after")
+    def _all_or_no_coefficients(self) -> Stage:
+        given = [c is not None for c in self.datasets.values()]
+        if any(given) and not all(given):
+            raise ValueError("give every dataset a coefficient, or none (null: upsample each to the largest)")
+        if any(c is not None and c <= 0 for c in self.datasets.values()):
+            raise ValueError("coefficients must be positive")
+        return self
 
 
 class Experiment(Section):

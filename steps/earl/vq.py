@@ -25,7 +25,7 @@ from transformers import Emu3VQVAE, Emu3VQVAEConfig
 from earl import artifacts, shapes
 from earl.cli_util import run_step
 from earl.models import fingerprint
-from earl.sources import load_split, open_image
+from earl.sources import DataError, load_split, open_image
 
 # -------------------------------------------------------------------------------------------- pixels
 
@@ -124,13 +124,13 @@ def autoencode(vq: Emu3VQVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
     return video, z, e, codes.squeeze(1)
 
 
-def vq_loss(vq: Emu3VQVAE, pixels: torch.Tensor, commitment_cost: float = 0.25) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def vq_loss(vq: Emu3VQVAE, pixels: torch.Tensor, commitment_cost: float = 0.25) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """The VQ-VAE objective (van den Oord et al. 2017): reconstruction + ||sg(z) − e||² + β·||z − sg(e)||².
 
     The codebook term pulls the chosen codes towards the encoder outputs, the commitment term keeps the encoder
     from drifting away from its codes. Reconstruction is MSE + L1 over every decoded frame (the input is the
     image repeated along time, so is the target): MSE fits colours fast, L1 keeps flat regions and edges crisp.
-    Returns (loss, float metrics, codes [B, h, w]).
+    Returns (loss, float metrics, codes [B, h, w], latents z [B, T, h, w, C]).
     """
     video, z, e, codes = autoencode(vq, pixels)
     target = pixels.to(video.dtype).unsqueeze(1).expand_as(video)
@@ -139,7 +139,28 @@ def vq_loss(vq: Emu3VQVAE, pixels: torch.Tensor, commitment_cost: float = 0.25) 
     loss = mse + l1 + codebook + commitment_cost * commitment
     metrics = {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(), "codebook": codebook.item(),
                "commitment": commitment.item(), **usage(codes, vq.config.codebook_size)}
-    return loss, metrics, codes
+    return loss, metrics, codes, z
+
+
+def unchanged_cells(source: torch.Tensor, target: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, h, w] mask of the ``factor``-px tiles whose pixels an edit left exactly as they were."""
+    same = (source == target).all(dim=1).float()  # [B, H, W]
+    return F.avg_pool2d(same.unsqueeze(1), factor).squeeze(1) == 1.0
+
+
+def locality_loss(z_source: torch.Tensor, z_target: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
+    """Mean squared latent difference over the tiles an edit did not touch, relative to the latents' power.
+
+    An edit of one object should change one code. The encoder's mid-block attention and GroupNorm see the
+    whole image, so without this term the codes of untouched cells drift with every edit elsewhere (measured:
+    a one-object edit re-coded ~27 of 64 cells), which turns a local edit into a global rewrite for the model
+    that learns it. Relative, so shrinking the latents cannot satisfy it.
+    """
+    if not unchanged.any():
+        return z_source.new_zeros(())
+    diff = ((z_source - z_target) ** 2).sum(-1).squeeze(1)  # [B, h, w]
+    power = (z_source.detach() ** 2).sum(-1).mean() + 1e-8
+    return diff[unchanged].mean() / power
 
 
 def usage(codes: torch.Tensor, codebook_size: int) -> dict:
@@ -187,13 +208,16 @@ def _flat(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 1, 3, 4, 2).reshape(-1, z.shape[2])
 
 
-def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Train ``vq`` in place on equal-size ``images``; returns one metrics dict per step.
+def train_vq(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], cfg,
+             log: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train ``vq`` in place on equal-size (source, target) image pairs of edits; returns one metrics dict per step.
+
+    Both images of a pair are reconstructed; ``cfg.locality_weight`` weighs :func:`locality_loss` between them.
 
     Trains in train mode (the temporal blocks' BatchNorm uses batch statistics) and leaves the model in eval
     mode, where ``encode``/``decode`` run and where ``vq_loss``'s codes are exactly ``encode``'s.
 
-    ``cfg`` needs ``steps, batch_size, lr, seed, commitment_cost, dead_code_steps``. Deterministic on CPU for a
+    ``cfg`` needs ``steps, batch_size`` (pairs), ``lr, seed, commitment_cost, dead_code_steps, locality_weight``. Deterministic on CPU for a
     given seed and initial weights: batch order comes from a numpy Generator (fresh permutation per epoch).
 
     Codebook collapse, the usual VQ failure (a few codes take every cell, the rest never get a gradient), is
@@ -203,7 +227,7 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    data = torch.stack([to_pixels(img) for img in images]).to(vq.device, vq.dtype)
+    data = torch.stack([torch.stack([to_pixels(a), to_pixels(b)]) for a, b in pairs]).to(vq.device, vq.dtype)
     batch_size = min(cfg.batch_size, len(data))
     codebook = vq.quantize.embedding.weight
     # no weight decay: it would pull unused and rare codes towards 0, away from the latents they stand for
@@ -214,7 +238,8 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
     for step in range(cfg.steps):
         if len(order) < batch_size:
             order = rng.permutation(len(data))
-        batch, order = data[torch.from_numpy(order[:batch_size])], order[batch_size:]
+        pair, order = data[torch.from_numpy(order[:batch_size])], order[batch_size:]
+        batch = torch.cat([pair[:, 0], pair[:, 1]])  # sources, then targets
         reseeded = 0
         if step == 0:
             with torch.no_grad():
@@ -229,7 +254,10 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, metrics, codes = vq_loss(vq, batch, cfg.commitment_cost)
+        loss, metrics, codes, z = vq_loss(vq, batch, cfg.commitment_cost)
+        locality = locality_loss(z[: len(pair)], z[len(pair):], unchanged_cells(pair[:, 0], pair[:, 1], vq.spatial_scale_factor))
+        loss = loss + cfg.locality_weight * locality
+        metrics["locality"] = locality.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -246,40 +274,57 @@ def train_vq(vq: Emu3VQVAE, images: list[Image.Image], cfg, log: Callable[[int, 
 # python -m earl.vq --config config/config.yaml --out results/vq/<kind>-<hash>
 
 
-def split_images(config, name: str, split: str) -> list[Image.Image]:
-    """Source and target images of one dataset split, resized to the dataset's area as tokenize will."""
+def split_pairs(config, name: str, split: str) -> list[tuple[Image.Image, Image.Image]]:
+    """(source, target) images of one dataset split, resized to the dataset's area as tokenize will."""
     dataset = config.datasets[name]
-    columns = [c for c in (dataset.columns.source_image, dataset.columns.target_image) if c]
-    data = load_split(config, name, split).select_columns(columns)
+    columns = (dataset.columns.source_image, dataset.columns.target_image)
+    if columns[1] is None:
+        raise DataError(f"vq: dataset {name!r} has no target_image column; VQ training needs edit pairs")
+    data = load_split(config, name, split).select_columns(list(columns))
     return [
-        resize_to_area(open_image(row[c], f"dataset {name!r} split {split!r} row {i} column {c!r}"), dataset.image_area)
+        tuple(
+            resize_to_area(open_image(row[c], f"dataset {name!r} split {split!r} row {i} column {c!r}"), dataset.image_area)
+            for c in columns
+        )
         for i, row in enumerate(data)
-        for c in columns
     ]
 
 
-def object_report(vq: Emu3VQVAE, images: list[Image.Image], world) -> dict:
-    """How well decode(encode(image)) keeps each object of a generated ``shapes`` dataset.
+def recoded_fraction(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]]) -> float:
+    """Share of the cells an edit left untouched whose code nevertheless changed (0 for a perfectly local VQ)."""
+    sources, targets = encode(vq, [a for a, _ in pairs]), encode(vq, [b for _, b in pairs])
+    recoded = total = 0
+    for (a, b), ca, cb in zip(pairs, sources, targets):
+        mask = unchanged_cells(to_pixels(a)[None], to_pixels(b)[None], vq.spatial_scale_factor)[0].numpy()
+        recoded, total = recoded + int((ca != cb)[mask].sum()), total + int(mask.sum())
+    return recoded / max(1, total)
+
+
+def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], world) -> dict:
+    """How well decode(encode(image)) keeps each object of a generated ``shapes`` dataset, and how local edits stay.
 
     Reconstructions are parsed back into scenes (:func:`earl.shapes.parse`) and compared with the parse of the
     originals (which equals the generator's scene exactly): per object, is it still there with its colour and
-    shape; per image, the background and the whole scene.
+    shape; per image, the background and the whole scene. ``unchanged_cells_recoded`` is
+    :func:`recoded_fraction` over the edit pairs.
     """
+    images = [img for pair in pairs for img in pair]
     decoded = decode(vq, encode(vq, images))
     truth = [shapes.parse(img, world) for img in images]
     recon = [shapes.parse(img, world) for img in decoded]
-    pairs = [(o, r.at(*o.cell)) for t, r in zip(truth, recon) for o in t.objects]
-    n = max(1, len(pairs))
+    kept = [(o, r.at(*o.cell)) for t, r in zip(truth, recon) for o in t.objects]
+    n = max(1, len(kept))
     return {
         "images": len(images),
-        "objects": len(pairs),
-        "object_kept": sum(got == o for o, got in pairs) / n,
-        "colour_kept": sum(got is not None and got.color == o.color for o, got in pairs) / n,
-        "shape_kept": sum(got is not None and got.shape == o.shape for o, got in pairs) / n,
+        "objects": len(kept),
+        "object_kept": sum(got == o for o, got in kept) / n,
+        "colour_kept": sum(got is not None and got.color == o.color for o, got in kept) / n,
+        "shape_kept": sum(got is not None and got.shape == o.shape for o, got in kept) / n,
         "background_kept": sum(t.background == r.background for t, r in zip(truth, recon)) / len(images),
         "scene_exact": sum(t == r for t, r in zip(truth, recon)) / len(images),
         "mean_abs_error": float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                                          for a, b in zip(images, decoded)])),
+        "unchanged_cells_recoded": recoded_fraction(vq, pairs),
     }
 
 
@@ -296,9 +341,9 @@ def build(config, out) -> None:
             torch.manual_seed(spec.seed)
             model = spec.model.model_dump()
             vq = Emu3VQVAE(Emu3VQVAEConfig(**model, hidden_size=model["base_channels"] * model["channel_multiplier"][-1]))
-            images = [img for name in spec.datasets for img in split_images(config, name, spec.split)]
+            pairs = [pair for name in spec.datasets for pair in split_pairs(config, name, spec.split)]
             with tqdm(total=spec.steps, desc="train vq", unit="step", mininterval=5) as bar:
-                history = train_vq(vq, images, spec, log=lambda step, m: bar.update() or bar.set_postfix(
+                history = train_vq(vq, pairs, spec, log=lambda step, m: bar.update() or bar.set_postfix(
                     loss=f"{m['loss']:.4f}", used=m["used"], refresh=False))
             with artifacts.atomic_file(work / "history.csv") as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -306,7 +351,7 @@ def build(config, out) -> None:
                 writer.writerows(history)
             facts["final"] = history[-1]
             facts["reconstruction"] = {
-                name: object_report(vq, split_images(config, name, spec.report_split), config.datasets[name].source)
+                name: object_report(vq, split_pairs(config, name, spec.report_split), config.datasets[name].source)
                 for name in spec.datasets
                 if config.datasets[name].source.kind == "shapes" and spec.report_split in config.datasets[name].splits
             }

@@ -1,4 +1,5 @@
 # Config validation, versioned paths and the step command line shared by all rules.
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -6,7 +7,12 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, str(Path(workflow.basedir) / "steps"))
+STEPS = Path(workflow.basedir) / "steps"
+sys.path.insert(0, str(STEPS))
+# Jobs run this checkout's step package whether or not it is installed (manifests record its git commit).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(STEPS), os.environ.get("PYTHONPATH")])
+)
 
 from earl.artifacts import Paths
 from earl.config import ConfigError, from_dict
@@ -47,6 +53,21 @@ STEP_ARGS = shlex.join(
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     version="[0-9a-f]{10}",
+    run="[A-Za-z0-9_+]+-[0-9a-f]{10}",
+
+
+# Versioned SFT output name -> (an experiment, stage index) that defines it.
+SFT_RUNS = {
+    PATHS.sft(name, stage).name: (name, stage)
+    for name, experiment in CFG.experiments.items()
+    for stage in range(len(experiment.sft))
+}
+# Versioned RL output name -> an experiment that defines it.
+RL_RUNS = {
+    PATHS.rl(name).name: name
+    for name, experiment in CFG.experiments.items()
+    if experiment.rl is not None
+}
 
 
 def generated(names):
@@ -54,6 +75,9 @@ def generated(names):
 
 
 def all_targets():
-    return [str(PATHS.tokenized(n)) for n in CFG.datasets] + [
-        str(PATHS.text_tokenizer())
-    ]
+    return (
+        [str(PATHS.tokenized(n)) for n in CFG.datasets]
+        + [str(PATHS.text_tokenizer())]
+        + [str(PATHS.sft(name)) for name in CFG.experiments]
+        + [str(PATHS.rl(name)) for name in RL_RUNS.values()]
+    )

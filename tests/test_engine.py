@@ -1,0 +1,132 @@
+"""The built-in rollout engine: HF-identical greedy output, exact sampling distribution, the grid constraint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import Emu3ForCausalLM, Emu3TextConfig
+
+from earl.engine import GridConstraint, HFEngine, SamplingParams
+from earl.layout import Layout
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer):
+    layout = Layout(tiny_tokenizer, 16)
+    torch.manual_seed(0)
+    config = Emu3TextConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0,
+        pad_token_id=layout.ids.pad, bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos,
+    )
+    return Emu3ForCausalLM(config).eval(), layout
+
+
+def prompts(layout, n: int, shape=(3, 4)) -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    words = ["make the red circle blue", "remove the blue triangle", "add a green square at row 3, column 5"]
+    return [layout.prompt(rng.integers(0, 16, shape), words[i % 3] * (1 + i % 2)) for i in range(n)]
+
+
+def test_greedy_equals_hf_generate_with_left_padded_batches(tiny):
+    model, layout = tiny
+    batch = prompts(layout, 5)
+    assert len({len(p) for p in batch}) > 1
+    rollouts = HFEngine(model, layout, batch_size=3).generate(
+        batch, [(3, 4)] * 5, SamplingParams(max_tokens=12, temperature=0.0, grid_constraint=False)
+    )
+    for i, prompt in enumerate(batch):
+        expected = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=layout.ids.pad,
+            eos_token_id=layout.ids.eos,
+        )[0, len(prompt):].tolist()
+        assert rollouts.completion(i) == expected
+
+
+@pytest.mark.parametrize("prefill", ["<|image start|>", "<|image start|>{H}*{W}", ""])
+def test_grid_constraint_makes_every_sample_a_well_formed_block(tiny, prefill):
+    """Even an untrained model writes exactly the source's H×W block, with RL's, eval's or no prefill."""
+    model, layout = tiny
+    grids = [(3, 4), (2, 5), (4, 1)] * 4
+    batch = [layout.prompt(np.zeros(g, dtype=int), "make the red circle blue", prefill) for g in grids]
+    rollouts = HFEngine(model, layout, batch_size=8).generate(batch, grids, SamplingParams(max_tokens=200, seed=3))
+    opened = 0
+    for i, grid in enumerate(grids):
+        sequence = batch[i] + rollouts.completion(i)
+        if layout.ids.boi not in sequence[len(batch[i]) - 6 :]:
+            assert not prefill  # without a prefill the model writes free text until it opens the image itself
+            continue
+        opened += 1
+        assert rollouts.finished[i]
+        assert sequence[-3:] == [layout.ids.eof, layout.ids.eoi, layout.ids.eos]
+        start = len(sequence) - 1 - sequence[::-1].index(layout.ids.boi)
+        assert layout.parse_grid(sequence[start:]).shape == grid
+        assert sequence[start + 1 : start + 4] == layout.text(f"{grid[0]}*{grid[1]}")  # header agrees with grid
+        assert torch.isfinite(rollouts.logprobs[i, : rollouts.lengths[i]]).all()
+        assert (rollouts.logprobs[i, : rollouts.lengths[i]] <= 0).all()
+    assert opened == len(grids) or not prefill
+
+
+def test_constraint_allows_exactly_the_spec_tokens_at_every_position(tiny):
+    _, layout = tiny
+    ids, vocab = layout.ids, layout.ids.visual_base + 16
+    header = [ids.boi, *layout.text("2*3"), ids.img]
+    constraint = GridConstraint(ids, torch.tensor([[2, 3]]), [header], [[ids.bos, 5, 6]], vocab)
+    visual = set(range(ids.visual_base, ids.visual_base + 16))
+
+    def allowed() -> set[int]:
+        logits = torch.zeros(1, vocab)
+        return set(torch.isfinite(constraint.mask_(logits))[0].nonzero().flatten().tolist())
+
+    # before <|image start|>: any text or special token, no visual code
+    assert allowed() == set(range(vocab)) - visual
+    constraint.advance(torch.tensor([7]))
+    assert allowed() == set(range(vocab)) - visual
+    body = [visual] * 3 + [{ids.eol}] + [visual] * 3 + [{ids.eol}]
+    expected = [{t} for t in header[1:]] + body + [{ids.eof}, {ids.eoi}, {ids.eos}, {ids.pad}]
+    constraint.advance(torch.tensor([ids.boi]))  # the model opens the image: header, IMG, rows, end forced
+    for want in expected:
+        assert allowed() == want
+        constraint.advance(torch.tensor([min(want)]))
+
+
+def test_prompt_ending_inside_the_header_continues_it(tiny):
+    _, layout = tiny
+    ids, vocab = layout.ids, layout.ids.visual_base + 16
+    header = [ids.boi, *layout.text("2*3"), ids.img]
+    for prefill_length, first in ((1, header[1]), (len(header) - 1, ids.img)):
+        constraint = GridConstraint(ids, torch.tensor([[2, 3]]), [header], [[ids.bos, 5, *header[:prefill_length]]], vocab)
+        logits = constraint.mask_(torch.zeros(1, vocab))
+        assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [first]
+
+
+def test_sampling_matches_the_model_distribution(tiny):
+    """One sampled token per row, many rows: frequencies follow softmax(logits / T) within top-k (chi-square)."""
+    model, layout = tiny
+    prompt = prompts(layout, 1)[0]
+    n, temperature, top_k = 4000, 1.5, 6
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_k=top_k, grid_constraint=False, seed=11)
+    rollouts = HFEngine(model, layout, batch_size=n).generate([prompt] * n, [(3, 4)] * n, params)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1] / temperature
+    top = torch.topk(logits, top_k)
+    probs = torch.softmax(top.values, -1).numpy()
+    counts = np.array([(rollouts.tokens[:, 0] == t).sum().item() for t in top.indices.tolist()])
+    assert counts.sum() == n  # nothing outside the top k
+    chi2 = (((counts - n * probs) ** 2) / (n * probs)).sum()
+    assert chi2 < 20.5  # 5 degrees of freedom, p = 0.001
+    # the returned log-probabilities are those of the sampling distribution
+    expected = dict(zip(top.indices.tolist(), torch.log_softmax(top.values, -1).tolist()))
+    assert rollouts.logprobs[0, 0].item() == pytest.approx(expected[rollouts.tokens[0, 0].item()], abs=1e-5)
+
+
+def test_same_seed_same_samples(tiny):
+    model, layout = tiny
+    engine = HFEngine(model, layout, batch_size=4)
+    batch = prompts(layout, 4)
+    first = engine.generate(batch, [(3, 4)] * 4, SamplingParams(max_tokens=30, seed=5))
+    again = engine.generate(batch, [(3, 4)] * 4, SamplingParams(max_tokens=30, seed=5))
+    other = engine.generate(batch, [(3, 4)] * 4, SamplingParams(max_tokens=30, seed=6))
+    assert torch.equal(first.tokens, again.tokens)
+    assert not torch.equal(first.tokens, other.tokens)

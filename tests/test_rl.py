@@ -1,0 +1,117 @@
+"""The rl step through its CLI: GRPO iterations, exact resume after kill -9, 2 ranks = 1 rank, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import step, write_config
+from earl import artifacts
+from earl.config import from_dict
+from test_sft import sft_config
+
+
+@pytest.fixture(scope="module")
+def sft_done(tiny_pipeline):
+    """A tiny SFT checkpoint of the `sft_s__rl_sc` experiment to start RL from."""
+    root, data, _, _ = tiny_pipeline
+    config_file, paths = sft_config(root, data, "rl-base", max_steps=4, quality_check=None)
+    result = step("sft", config_file, paths.sft("sft_s__rl_sc"), "--experiment", "sft_s__rl_sc")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, config_file
+
+
+def rl_config(root, config_file: str, name: str, **rl) -> tuple[str, artifacts.Paths]:
+    config = yaml.safe_load(open(config_file))
+    config["rl"].update(
+        episodes_per_iteration=8, generations_per_sample=4, per_device_batch_size=4, num_iterations=4, save_every=2,
+        eval_every=2, heldout_samples=4, rollout_batch_size=8, threads_per_process=1, **rl,
+    )
+    return write_config(root / f"{name}.yaml", config), artifacts.Paths(from_dict(config))
+
+
+def rl(config_file: str, out, experiment: str = "sft_s__rl_sc") -> subprocess.CompletedProcess:
+    return step("rl", config_file, out, "--experiment", experiment)
+
+
+def metrics(out) -> list[dict]:
+    return list(csv.DictReader(open(out / "metrics.csv")))
+
+
+def test_rl_runs_grpo_iterations_and_reports_heldout_rewards(sft_done):
+    root, config_file = sft_done
+    rl_file, paths = rl_config(root, config_file, "rl-basic")
+    out = paths.rl("sft_s__rl_sc")
+    result = rl(rl_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert [int(r["iteration"]) for r in rows] == [0, 1, 2, 3]
+    assert all(float(r["well_formed"]) == 1.0 for r in rows)  # the grid constraint holds for every completion
+    assert rows[1]["heldout_reward"] != "" and rows[0]["heldout_reward"] == ""
+    manifest = artifacts.read_manifest(out)
+    held = manifest["heldout"]
+    assert set(held["sft"]) == set(held["rl"]) == {"shapes_s", "shapes_c"}
+    assert held["improvement"]["shapes_s"]["delta"] == pytest.approx(
+        held["rl"]["shapes_s"]["overall"] - held["sft"]["shapes_s"]["overall"]
+    )
+    before = load_file(str(paths.sft("sft_s__rl_sc") / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy moved
+
+
+def test_killed_rl_resumes_to_the_same_weights(sft_done):
+    root, config_file = sft_done
+    ref_file, ref_paths = rl_config(root, config_file, "rl-ref", save_every=1, eval_every=None, num_iterations=6)
+    assert rl(ref_file, ref_paths.rl("sft_s__rl_sc")).returncode == 0
+    # the same run, writing elsewhere, killed after its second checkpoint
+    kill_file, paths = rl_config(root, config_file, "rl-kill", save_every=1, eval_every=None, num_iterations=6)
+    kill_out = root / "rl-killed" / paths.rl("sft_s__rl_sc").name
+    partial = kill_out.with_name(kill_out.name + ".partial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "earl.rl", "--config", kill_file, "--out", str(kill_out), "--experiment", "sft_s__rl_sc"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (partial / "checkpoints" / "iter_000001" / "state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not kill_out.exists()
+    assert rl(kill_file, kill_out).returncode == 0
+    resumed, uninterrupted = load_file(str(kill_out / "model.safetensors")), load_file(str(ref_paths.rl("sft_s__rl_sc") / "model.safetensors"))
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_equal_one_rank(sft_done):
+    root, config_file = sft_done
+    one_file, paths = rl_config(root, config_file, "rl-one", num_iterations=2, eval_every=None)
+    two_file, _ = rl_config(root, config_file, "rl-two", num_iterations=2, eval_every=None, num_processes=2)
+    one_out, two_out = root / "rl-one-out", root / "rl-two-out"
+    assert rl(one_file, one_out).returncode == 0
+    result = rl(two_file, two_out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert artifacts.read_manifest(two_out)["world_size"] == 2
+    for a, b in zip(metrics(one_out), metrics(two_out)):
+        for key in ("reward_mean", "reward_std", "well_formed", "zero_spread_groups", "loss", "kl", "entropy", "grad_norm"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
+    one, two = load_file(str(one_out / "model.safetensors")), load_file(str(two_out / "model.safetensors"))
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-6)
+
+
+def test_experiment_without_rl_stage_is_one_line(sft_done):
+    root, config_file = sft_done
+    result = rl(config_file, root / "rl-none", experiment="sft_s")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --experiment 'sft_s' is not an experiment with an rl stage")

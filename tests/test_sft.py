@@ -1,0 +1,147 @@
+"""The sft step through its CLI: ZeRO-3 training on CPU, the published checkpoint, resume after kill -9, 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Emu3ForCausalLM
+
+from conftest import step, write_config
+from earl import artifacts
+from earl.config import from_dict
+from earl.models import load_checked
+
+TINY_MODEL = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "max_position_embeddings": 256,
+}
+
+
+def sft_config(root, data: dict, name: str, **sft) -> tuple[str, artifacts.Paths]:
+    config = json.loads(json.dumps(data))
+    config["sft"].update(
+        architecture=TINY_MODEL, per_device_train_batch_size=4, max_steps=6, eval_steps=3, save_steps=3,
+        logging_steps=1, validation_size=4, threads_per_process=1, save_total_limit=None,
+        quality_check={"split": "test", "samples": 4, "batch_size": 4, "max_tokens": 90}, **sft,
+    )
+    return write_config(root / f"{name}.yaml", config), artifacts.Paths(from_dict(config))
+
+
+def sft(config_file: str, out, experiment: str = "sft_s", stage: int = 0, **popen) -> subprocess.CompletedProcess:
+    return step("sft", config_file, out, "--experiment", experiment, "--stage", str(stage), **popen)
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_sft_publishes_a_checked_checkpoint_with_curves_and_quality(tiny_pipeline):
+    root, data, _, _ = tiny_pipeline
+    config_file, paths = sft_config(root, data, "sft-basic")
+    out = paths.sft("sft_s")
+    result = sft(config_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not out.with_name(out.name + ".partial").exists()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "curves.csv"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    manifest = artifacts.read_manifest(out)
+    model = load_checked(Emu3ForCausalLM, out)  # checks the fingerprint the manifest recorded
+    assert manifest["global_step"] == 6 and manifest["data"]["shapes_s"]["train_rows"] == 24
+    assert model.config.attention_dropout == 0.0 and model.config.hidden_size == 32
+    quality = manifest["quality"]["shapes_s"]
+    assert set(quality) == {"greedy", "sampled", "copy_source"}
+    assert quality["copy_source"]["well_formed"] == 1.0 and quality["greedy"]["n"] == 4
+    curves = (out / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("step,epoch,loss,eval_loss,learning_rate,grad_norm,tokens_per_second")
+    assert len(curves) > 6
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
+    root, data, _, _ = tiny_pipeline
+    reference_file, reference = sft_config(root, data, "sft-ref", max_steps=24, save_steps=4, eval_steps=100)
+    assert sft(reference_file, reference.sft("sft_s")).returncode == 0
+    # the same run in another results root, killed (whole process group, like a node failure) after a checkpoint
+    data = json.loads(json.dumps(data))
+    data["results"] = str(root / "killed-results")
+    config_file, paths = sft_config(root, data, "sft-kill", max_steps=24, save_steps=4, eval_steps=100)
+    out = paths.sft("sft_s")
+    assert out.name == reference.sft("sft_s").name  # same config, same versioned name
+    for name in ("tokenized/shapes_s", "tokenizer", "vq"):  # share the inputs
+        for src in (root / "results").glob(f"{name}*"):
+            (root / "killed-results" / src.relative_to(root / "results")).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(src, root / "killed-results" / src.relative_to(root / "results"))
+    partial = out.with_name(out.name + ".partial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "earl.sft", "--config", config_file, "--out", str(out), "--experiment", "sft_s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (partial / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and partial.is_dir()  # nothing looks finished
+    steps_done = max(int(p.name.split("-")[1]) for p in (partial / "checkpoints").glob("checkpoint-*"))
+    assert steps_done < 24
+    result = sft(config_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, uninterrupted = weights(out), weights(reference.sft("sft_s"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_train_one_zero3_model(tiny_pipeline):
+    root, data, _, _ = tiny_pipeline
+    data = json.loads(json.dumps(data))
+    config_file, paths = sft_config(root, data, "sft-two", num_processes=2, per_device_train_batch_size=2)
+    out = paths.sft("sft_s")
+    result = sft(config_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = artifacts.read_manifest(out)
+    assert manifest["world_size"] == 2 and manifest["global_step"] == 6
+    load_checked(Emu3ForCausalLM, out)  # ZeRO-3 gathered the shards of both ranks into whole tensors
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("sft.model=/nonexistent/emu3", "error: sft.model: checkpoint directory '/nonexistent/emu3' does not exist"),
+        ("sft.deepspeed=config/deepspeed/none.json", "error: sft.deepspeed: cannot read config/deepspeed/none.json"),
+    ],
+)
+def test_bad_sft_config_fails_in_one_line_before_training(tiny_pipeline, setting, message):
+    root, data, _, _ = tiny_pipeline
+    config_file, _ = sft_config(root, data, "sft-bad")
+    result = step("sft", config_file, root / "never", "--experiment", "sft_s", "--set", setting)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not (root / "never").exists() and not (root / "never.partial").exists()
+
+
+def test_experiments_with_the_same_stages_share_one_sft_artifact(tiny_pipeline):
+    _, data, _, _ = tiny_pipeline
+    config = json.loads(json.dumps(data))
+    config["experiments"] = {
+        "a": {"sft": [{"datasets": {"shapes_s": 1.0}}]},
+        "b": {"sft": [{"datasets": {"shapes_s": 1.0}}], "rl": {"datasets": {"shapes_c": None}}},
+        "two_stage": {"sft": [{"datasets": {"shapes_s": 1.0}}, {"datasets": {"shapes_c": 1.0}}]},
+        "c_only": {"sft": [{"datasets": {"shapes_c": 1.0}}]},
+    }
+    paths = artifacts.Paths(from_dict(config))
+    assert paths.sft("a") == paths.sft("b") == paths.sft("two_stage", 0)
+    assert paths.sft("two_stage").name.startswith("shapes_c-")
+    assert paths.sft("two_stage") != paths.sft("c_only")  # stage 2 starts from stage 1's weights
+    config["sft"]["learning_rate"] = 1e-3
+    assert artifacts.Paths(from_dict(config)).sft("a") != paths.sft("a")

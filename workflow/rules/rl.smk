@@ -1,0 +1,33 @@
+# GRPO: one job per experiment with an rl stage; experiments with the same SFT start and RL settings share it.
+
+
+def rl_inputs(wildcards):
+    experiment = RL_RUNS[wildcards.run]
+    return {
+        "sft": str(PATHS.sft(experiment)),
+        "tokenized": [
+            str(PATHS.tokenized(n)) for n in CFG.experiments[experiment].rl.datasets
+        ],
+        "tokenizer": str(PATHS.text_tokenizer()),
+        "vq": str(PATHS.vq()),
+    }
+
+
+rule rl:
+    input:
+        unpack(rl_inputs),
+    output:
+        directory(f"{RESULTS}/rl/{{run}}"),
+    log:
+        f"{LOGS}/rl/{{run}}.log",
+    threads: CFG.rl.num_processes * CFG.rl.threads_per_process
+    resources:
+        gpus=CFG.rl.gpus,
+    params:
+        config=STEP_ARGS,
+        experiment=lambda w: RL_RUNS[w.run],
+        omp=CFG.rl.threads_per_process,
+    shell:
+        # earl.rl checks its inputs, then starts rl.num_processes torchrun workers in this one job
+        "OMP_NUM_THREADS={params.omp} python -m earl.rl {params.config}"
+        " --experiment {params.experiment} --out {output} > {log} 2>&1"

@@ -1,0 +1,36 @@
+# Supervised fine-tuning: one job per distinct SFT stage. Experiments whose stages (and sft section) agree
+# resolve to the same versioned path, so they share one job and one artifact.
+
+
+def sft_inputs(wildcards):
+    experiment, stage = SFT_RUNS[wildcards.run]
+    this = CFG.experiments[experiment].sft[stage]
+    inputs = {
+        "tokenized": [str(PATHS.tokenized(name)) for name in this.datasets],
+        "tokenizer": str(PATHS.text_tokenizer()),
+        "vq": str(PATHS.vq()),
+    }
+    if stage > 0:
+        inputs["parent"] = str(PATHS.sft(experiment, stage - 1))
+    return inputs
+
+
+rule sft:
+    input:
+        unpack(sft_inputs),
+    output:
+        directory(f"{RESULTS}/sft/{{run}}"),
+    log:
+        f"{LOGS}/sft/{{run}}.log",
+    threads: CFG.sft.num_processes * CFG.sft.threads_per_process
+    resources:
+        gpus=CFG.sft.gpus,
+    params:
+        config=STEP_ARGS,
+        experiment=lambda w: SFT_RUNS[w.run][0],
+        stage=lambda w: SFT_RUNS[w.run][1],
+        omp=CFG.sft.threads_per_process,
+    shell:
+        # earl.sft checks its inputs, then starts sft.num_processes torchrun workers in this one job
+        "OMP_NUM_THREADS={params.omp} python -m earl.sft {params.config}"
+        " --experiment {params.experiment} --stage {params.stage} --out {output} > {log} 2>&1"
