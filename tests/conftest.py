@@ -20,6 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "steps"), os.environ.get("PYTHONPATH")]))
 PAPER_BASE_VOCAB = 151643  # regular BPE ids of Emu3's (Qwen) tokenizer: 0 … 151642
 PAPER_CODEBOOK = 32768
+TINY_MODEL = {  # an Emu3ForCausalLM of a few thousand parameters: tests check behaviour, not quality
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "max_position_embeddings": 256,
+}
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +51,15 @@ def tiny_config(results, **overrides) -> dict:
         dataset["source"]["splits"] = {"train": 24, "validation": 6, "test": 6}
     data["vq"].update(steps=4, batch_size=8, threads=1)
     data["tokenize"].update(shards=2, workers=1, batch_size=8)
+    data["sft"].update(
+        architecture=TINY_MODEL, per_device_train_batch_size=4, max_steps=6, eval_steps=3, save_steps=3,
+        logging_steps=1, validation_size=4, threads_per_process=1, save_total_limit=None,
+        quality_check={"split": "test", "samples": 4, "batch_size": 4, "max_tokens": 60},
+    )
+    data["rl"].update(
+        episodes_per_iteration=8, generations_per_sample=4, per_device_batch_size=4, num_iterations=4, save_every=2,
+        eval_every=2, heldout_samples=4, rollout_batch_size=8, threads_per_process=1,
+    )
     for key, value in overrides.items():
         node = data
         *parents, leaf = key.split(".")

@@ -32,10 +32,7 @@ def sft_done(tiny_pipeline):
 
 def rl_config(root, config_file: str, name: str, **rl) -> tuple[str, artifacts.Paths]:
     config = yaml.safe_load(open(config_file))
-    config["rl"].update(
-        episodes_per_iteration=8, generations_per_sample=4, per_device_batch_size=4, num_iterations=4, save_every=2,
-        eval_every=2, heldout_samples=4, rollout_batch_size=8, threads_per_process=1, **rl,
-    )
+    config["rl"].update(rl)
     return write_config(root / f"{name}.yaml", config), artifacts.Paths(from_dict(config))
 
 

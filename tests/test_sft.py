@@ -19,19 +19,10 @@ from earl import artifacts
 from earl.config import from_dict
 from earl.models import load_checked
 
-TINY_MODEL = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-    "num_key_value_heads": 1, "max_position_embeddings": 256,
-}
-
-
 def sft_config(root, data: dict, name: str, **sft) -> tuple[str, artifacts.Paths]:
+    """``data`` (conftest's tiny config) with ``sft`` overrides, written to ``root/<name>.yaml``."""
     config = json.loads(json.dumps(data))
-    config["sft"].update(
-        architecture=TINY_MODEL, per_device_train_batch_size=4, max_steps=6, eval_steps=3, save_steps=3,
-        logging_steps=1, validation_size=4, threads_per_process=1, save_total_limit=None,
-        quality_check={"split": "test", "samples": 4, "batch_size": 4, "max_tokens": 90}, **sft,
-    )
+    config["sft"].update(sft)
     return write_config(root / f"{name}.yaml", config), artifacts.Paths(from_dict(config))
 
 

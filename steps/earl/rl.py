@@ -46,6 +46,8 @@ from earl.sft import load_tokenized, mixture
 from earl.text_tokenizer import load_text_tokenizer
 
 CHECKPOINTS = "checkpoints"
+METRICS = ["iteration", "reward_mean", "reward_std", "well_formed", "finished", "zero_spread_groups", "judge_failures",
+           "loss", "policy_loss", "kl", "entropy", "grad_norm", "rollout_tokens_per_second", "step_time", "heldout_reward"]
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -132,7 +134,7 @@ def save_checkpoint(work: Path, iteration: int, policy, optimizer, rank: int) ->
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def heldout_reward(config: Config, stage, model, layout, vq, rows_by_name) -> dict:
+def heldout_reward(config: Config, model, layout, vq, rows_by_name) -> dict[str, list[heldout.Sample]]:
     """Greedy held-out edits of the pool's datasets, scored by the training reward (same code as SFT's check)."""
     engine = HFEngine(model, layout, config.rl.rollout_batch_size)
     report = {}
@@ -143,7 +145,7 @@ def heldout_reward(config: Config, stage, model, layout, vq, rows_by_name) -> di
         params = SamplingParams(max_tokens=config.rl.max_response_tokens, temperature=0.0)
         grids = heldout.grids_of(layout, engine.generate(prompts, [s.shape for s in sources], params), [s.shape for s in sources])
         images = heldout.decode_all(vq, grids)
-        report[name] = heldout.summarize(heldout.score_rows(rows, images, [reward.score(im, r) for im, r in zip(images, rows)]))
+        report[name] = heldout.score_rows(rows, images, [reward.score(im, r) for im, r in zip(images, rows)])
     return report
 
 
@@ -154,7 +156,8 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
     started = time.time()
     prompt_count = spec.episodes_per_iteration // group
     mine = list(range(prompt_count))[rank::size]
-    drawn = [pool.draw(iteration, prompt_count, spec.seed)[k] for k in mine]
+    everyone = pool.draw(iteration, prompt_count, spec.seed)
+    drawn = [everyone[k] for k in mine]
     prompts, grids = zip(*(pool.prompt(row) for _, row in drawn))
     prompts = [p for p in prompts for _ in range(group)]
     grids = [g for g in grids for _ in range(group)]
@@ -222,6 +225,7 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
 
 def train(config: Config, out: Path, experiment: str) -> None:
     spec, stage = config.rl, config.experiments[experiment].rl
+    torch.set_num_threads(spec.threads_per_process)  # torchrun would leave each worker one thread
     rank, size = world()
     paths = artifacts.Paths(config)
     sft_dir = paths.sft(experiment)
@@ -236,8 +240,10 @@ def train(config: Config, out: Path, experiment: str) -> None:
     vq = load_vq(paths.vq()).to(device)
     pool = Pool(config, stage, layout)
     engine = HFEngine(policy, layout, spec.rollout_batch_size)
-    held = {n: [r for r in load_tokenized(config, n, spec.heldout_split).select(range(spec.heldout_samples))]
-            for n in stage.datasets if config.datasets[n].source.kind == "shapes"}
+    held = {}
+    for name in stage.datasets:
+        rows = load_tokenized(config, name, spec.heldout_split)
+        held[name] = [rows[i] for i in range(min(spec.heldout_samples, len(rows)))]
 
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
@@ -248,16 +254,18 @@ def train(config: Config, out: Path, experiment: str) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start = json.loads((last / "state.json").read_text())["next_iteration"]
     if rank == 0 and (work / "heldout_sft.json").exists():
-        before = json.loads((work / "heldout_sft.json").read_text())
+        before = {n: [heldout.Sample(**s) for s in v] for n, v in json.loads((work / "heldout_sft.json").read_text()).items()}
     elif rank == 0:
-        before = heldout_reward(config, stage, reference, layout, vq, held)
-        artifacts.write_text_atomic(work / "heldout_sft.json", json.dumps(before))
+        before = heldout_reward(config, reference, layout, vq, held)
+        artifacts.write_text_atomic(work / "heldout_sft.json", json.dumps({n: heldout.records(v) for n, v in before.items()}))
+    if rank == 0:
+        forget_after(work / "metrics.csv", start)  # rows a killed run logged after its last checkpoint
     writer = SummaryWriter(str(work / "tensorboard")) if rank == 0 else None
     for iteration in range(start, spec.num_iterations):
         metrics = iteration_step(config, pool, iteration, policy, reference, optimizer, engine, vq, rank, size)
         if rank == 0 and spec.eval_every and (iteration + 1) % spec.eval_every == 0:
-            report = heldout_reward(config, stage, policy, layout, vq, held)
-            metrics["heldout_reward"] = float(np.mean([r["overall"] for r in report.values()]))
+            report = heldout_reward(config, policy, layout, vq, held)
+            metrics["heldout_reward"] = float(np.mean([s.overall for samples in report.values() for s in samples]))
         if rank == 0:
             log_metrics(work / "metrics.csv", writer, metrics)
         if (iteration + 1) % spec.save_every == 0 or iteration + 1 == spec.num_iterations:
@@ -265,7 +273,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     if rank != 0:
         return
     writer.close()
-    after = heldout_reward(config, stage, policy, layout, vq, held)
+    after = heldout_reward(config, policy, layout, vq, held)
     policy.save_pretrained(work)
     tokenizer.save_pretrained(work)
     GenerationConfig(bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos, pad_token_id=layout.ids.pad).save_pretrained(work)
@@ -275,25 +283,41 @@ def train(config: Config, out: Path, experiment: str) -> None:
         artifacts.write_manifest(
             work, step="rl", config={"rl": spec, "stage": stage}, inputs=inputs, experiment=experiment,
             fingerprint=fingerprint(saved), iterations=spec.num_iterations, world_size=size,
-            heldout={"sft": before, "rl": after, "improvement": improvement(before, after)},
+            informative_groups=1.0 - float(np.mean([float(r["zero_spread_groups"]) for r in csv.DictReader((work / "metrics.csv").open())])),
+            heldout={
+                "sft": {n: heldout.summarize(v) for n, v in before.items()},
+                "rl": {n: heldout.summarize(v) for n, v in after.items()},
+                "improvement": improvement(before, after),
+            },
         )
 
 
-def improvement(before: dict, after: dict) -> dict:
-    """RL − SFT held-out overall per dataset, with the standard error of the difference (independent samples)."""
-    return {
-        name: {"delta": after[name]["overall"] - before[name]["overall"],
-               "se": float(np.hypot(after[name]["overall_se"], before[name]["overall_se"]))}
-        for name in after
-    }
+def improvement(before: dict[str, list[heldout.Sample]], after: dict[str, list[heldout.Sample]]) -> dict:
+    """RL − SFT held-out overall per dataset and over all, with the paired standard error (same rows, same order)."""
+    def paired(b: list[heldout.Sample], a: list[heldout.Sample]) -> dict:
+        delta, se = heldout.mean_se([y.overall - x.overall for x, y in zip(b, a)])
+        return {"delta": delta, "se": se, "z": delta / se if se > 0 else None}
+
+    result = {name: paired(before[name], after[name]) for name in after}
+    result["all"] = paired([s for n in after for s in before[n]], [s for n in after for s in after[n]])
+    return result
+
+
+def forget_after(path: Path, iteration: int) -> None:
+    if path.exists():
+        rows = list(csv.DictReader(path.open()))
+        keep = [r for r in rows if int(r["iteration"]) < iteration]
+        if len(keep) != len(rows):
+            with artifacts.atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, METRICS)
+                writer.writeheader()
+                writer.writerows(keep)
 
 
 def log_metrics(path: Path, writer: SummaryWriter, metrics: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
-        out = csv.DictWriter(f, ["iteration", "reward_mean", "reward_std", "well_formed", "finished", "zero_spread_groups",
-                                 "judge_failures", "loss", "policy_loss", "kl", "entropy", "grad_norm",
-                                 "rollout_tokens_per_second", "step_time", "heldout_reward"])
+        out = csv.DictWriter(f, METRICS)
         if new:
             out.writeheader()
         out.writerow(metrics)

@@ -307,6 +307,7 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
     stages = config.experiments[experiment].sft
     paths = artifacts.Paths(config)
     spec, this = config.sft, stages[stage]
+    torch.set_num_threads(spec.threads_per_process)  # torchrun would leave each worker one thread
     parent = paths.sft(experiment, stage - 1) if stage > 0 else None
     tokenizer = load_text_tokenizer(paths.text_tokenizer())
     codebook_size = artifacts.read_manifest(paths.vq())["codebook_size"]
