@@ -10,6 +10,9 @@ rule tokenize:
     log:
         f"{LOGS}/tokenize/{{dataset}}-{{version}}.log",
     threads: CFG.tokenize.workers * CFG.tokenize.threads_per_worker
+    resources:
+        # one GPU per worker on CUDA: the job holds them all, the step spreads shards over them
+        gpu=CFG.tokenize.workers if CFG.tokenize.device == "cuda" else 0,
     params:
         config=STEP_ARGS,
     shell:
