@@ -9,6 +9,10 @@ rule tokenize:
         directory(f"{RESULTS}/tokenized/{{dataset}}-{{version}}"),
     log:
         f"{LOGS}/tokenize/{{dataset}}-{{version}}.log",
+    conda:
+        conda_env("tokenize")
+    container:
+        container_image("tokenize")
     threads: CFG.tokenize.workers * CFG.tokenize.threads_per_worker
     resources:
         # one GPU per worker on CUDA: the job holds them all, the step spreads shards over them
