@@ -15,16 +15,20 @@ pytestmark = pytest.mark.slow
 
 PAPER = REPO / "config" / "paper.yaml"
 PAPER_CFG = yaml.safe_load(PAPER.read_text())
-# GPU rules and the GPUs (resource `gpu`, which the slurm plugin turns into --gpus) each job must ask for.
-# Extend with rl/evaluate when those rules land.
+# GPUs (resource `gpu`, which the slurm plugin turns into --gpus) and threads (--cpus-per-task) each job of a
+# GPU rule must ask for on the paper config; other rules ask for no GPU. Extend as rules land (evaluate).
 GPUS = {
     "tokenize": PAPER_CFG["tokenize"]["workers"] if PAPER_CFG["tokenize"]["device"] == "cuda" else 0,
     "sft": PAPER_CFG["sft"].get("gpus", 0),
+    "rl": PAPER_CFG["rl"].get("gpus", 0),
 }
 THREADS = {
     "tokenize": PAPER_CFG["tokenize"]["workers"] * PAPER_CFG["tokenize"]["threads_per_worker"],
     "sft": PAPER_CFG["sft"].get("num_processes", 1) * PAPER_CFG["sft"].get("threads_per_process", 1),
+    "rl": PAPER_CFG["rl"].get("num_processes", 1) * PAPER_CFG["rl"].get("threads_per_process", 1),
 }
+# Rules the slurm profile sends to EARL_SLURM_GPU_PARTITION.
+GPU_PARTITION_RULES = {"tokenize", "sft", "rl", "evaluate"}
 
 
 def plan(tmp_path, profile: str, *args: str, env: dict[str, str] | None = None) -> list[dict]:
@@ -63,11 +67,10 @@ def test_slurm_profile_gives_gpu_rules_their_gpus_and_cpus_as_one_task(tmp_path)
         assert "gpus" not in resources, job  # the plugin's sbatch reads `gpu`; `gpus` reaches only the inner srun
         assert "tasks" not in resources, job  # with GPUs the plugin would make it --ntasks-per-gpu
         assert "slurm_partition" not in resources and "slurm_account" not in resources, job  # none set: defaults
-        if job["rule"] in GPUS:
-            assert GPUS[job["rule"]] > 0 and int(resources.get("gpu", 0)) == GPUS[job["rule"]], job
+        assert int(resources.get("gpu", 0)) == GPUS.get(job["rule"], 0), job
+        if job["rule"] in THREADS:
             assert job["threads"] == THREADS[job["rule"]], job
-        else:
-            assert int(resources.get("gpu", 0)) == 0, job
+    assert GPUS["tokenize"] > 0  # the paper tokenizes on GPUs
 
 
 def test_slurm_profile_takes_partitions_and_account_from_the_environment(tmp_path):
@@ -75,7 +78,7 @@ def test_slurm_profile_takes_partitions_and_account_from_the_environment(tmp_pat
     jobs = [j for j in plan(tmp_path, "slurm", "--configfile", str(PAPER), env=env) if j["rule"] != "all"]
     assert {j["rule"] for j in jobs} >= {"vq", "text_tokenizer", "tokenize"}
     for job in jobs:
-        partition = "gpu_q" if job["rule"] in GPUS else "cpu_q"
+        partition = "gpu_q" if job["rule"] in GPU_PARTITION_RULES else "cpu_q"
         assert (job["resources"]["slurm_partition"], job["resources"]["slurm_account"]) == (partition, "proj1"), job
 
 
