@@ -28,8 +28,15 @@ apptainer)
 podman | docker | buildah)
     build=("$tool" build)
     [[ $tool == buildah ]] && build=(buildah bud)
+    # EARL_BUILD_OPTS: more options for every build, e.g. a CA bundle for pip behind a TLS-re-signing proxy:
+    #   --volume /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt
+    read -r -a extra <<<"${EARL_BUILD_OPTS:-}"
+    build+=("${extra[@]}")
     base=localhost/earl-base:$(tag containers/base/Containerfile)
-    "${build[@]}" -f containers/base/Containerfile -t "$base" .
+    # EARL_DEBIAN_IMAGE: another Debian 12 image to start from (tests/containers/test_build.sh makes one with
+    # debootstrap where no container registry can be reached)
+    "${build[@]}" -f containers/base/Containerfile ${EARL_DEBIAN_IMAGE:+--build-arg "DEBIAN=$EARL_DEBIAN_IMAGE"} \
+        -t "$base" .
     for step in "${steps[@]}"; do
         "${build[@]}" -f "containers/$step/Containerfile" --build-arg "BASE=$base" \
             -t "localhost/earl-$step:$(tag "envs/$step.linux-64.lock.txt")" .
