@@ -6,6 +6,10 @@ rule data:
         directory(f"{RESULTS}/data/{{dataset}}-{{version}}"),
     log:
         f"{LOGS}/data/{{dataset}}-{{version}}.log",
+    conda:
+        conda_env("data")
+    container:
+        container_image("data")
     params:
         config=STEP_ARGS,
     shell:
@@ -19,6 +23,10 @@ rule vq:
         directory(f"{RESULTS}/vq/{{kind}}-{{version}}"),
     log:
         f"{LOGS}/vq/{{kind}}-{{version}}.log",
+    conda:
+        conda_env("vq")
+    container:
+        container_image("vq")
     threads: getattr(CFG.vq, "threads", 1)
     params:
         config=STEP_ARGS,
@@ -34,6 +42,10 @@ rule text_tokenizer:
         directory(f"{RESULTS}/tokenizer/{{kind}}-{{version}}"),
     log:
         f"{LOGS}/tokenizer/{{kind}}-{{version}}.log",
+    conda:
+        conda_env("tokenize")
+    container:
+        container_image("tokenize")
     params:
         config=STEP_ARGS,
     shell:

@@ -9,7 +9,14 @@ rule tokenize:
         directory(f"{RESULTS}/tokenized/{{dataset}}-{{version}}"),
     log:
         f"{LOGS}/tokenize/{{dataset}}-{{version}}.log",
+    conda:
+        conda_env("tokenize")
+    container:
+        container_image("tokenize")
     threads: CFG.tokenize.workers * CFG.tokenize.threads_per_worker
+    resources:
+        # one GPU per worker on CUDA: the job holds them all, the step spreads shards over them
+        gpu=CFG.tokenize.workers if CFG.tokenize.device == "cuda" else 0,
     params:
         config=STEP_ARGS,
     shell:
