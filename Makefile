@@ -8,6 +8,7 @@ CORES ?= 2
 install:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[test]"
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install --quiet --no-deps --no-build-isolation deepspeed==0.19.8
 
 run: install
 	snakemake --cores $(CORES)

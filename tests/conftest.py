@@ -97,3 +97,16 @@ def tiny_pipeline(tmp_path_factory):
         result = step(name, config_file, out, *extra)
         assert result.returncode == 0, result.stderr
     return root, data, config_file, paths
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, like a node failure (torchrun's workers have their own sessions)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs([parent])

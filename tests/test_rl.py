@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import step, write_config
+from conftest import kill_tree, step, write_config
 from earl import artifacts
 from earl.config import from_dict
 from test_sft import sft_config
@@ -67,10 +65,10 @@ def test_rl_runs_grpo_iterations_and_reports_heldout_rewards(sft_done):
 
 def test_killed_rl_resumes_to_the_same_weights(sft_done):
     root, config_file = sft_done
-    ref_file, ref_paths = rl_config(root, config_file, "rl-ref", save_every=1, eval_every=None, num_iterations=6)
+    ref_file, ref_paths = rl_config(root, config_file, "rl-ref", save_every=1, eval_every=None, num_iterations=12)
     assert rl(ref_file, ref_paths.rl("sft_s__rl_sc")).returncode == 0
     # the same run, writing elsewhere, killed after its second checkpoint
-    kill_file, paths = rl_config(root, config_file, "rl-kill", save_every=1, eval_every=None, num_iterations=6)
+    kill_file, paths = rl_config(root, config_file, "rl-kill", save_every=1, eval_every=None, num_iterations=12)
     kill_out = root / "rl-killed" / paths.rl("sft_s__rl_sc").name
     partial = kill_out.with_name(kill_out.name + ".partial")
     process = subprocess.Popen(
@@ -81,7 +79,7 @@ def test_killed_rl_resumes_to_the_same_weights(sft_done):
     while not (partial / "checkpoints" / "iter_000001" / "state.json").exists():
         assert process.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_tree(process.pid)
     process.wait()
     assert not kill_out.exists()
     assert rl(kill_file, kill_out).returncode == 0

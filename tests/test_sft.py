@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Emu3ForCausalLM
 
-from conftest import step, write_config
+from conftest import kill_tree, step, write_config
 from earl import artifacts
 from earl.config import from_dict
 from earl.models import load_checked
@@ -58,12 +57,12 @@ def test_sft_publishes_a_checked_checkpoint_with_curves_and_quality(tiny_pipelin
 
 def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
     root, data, _, _ = tiny_pipeline
-    reference_file, reference = sft_config(root, data, "sft-ref", max_steps=24, save_steps=4, eval_steps=100)
+    reference_file, reference = sft_config(root, data, "sft-ref", max_steps=120, save_steps=4, eval_steps=1000)
     assert sft(reference_file, reference.sft("sft_s")).returncode == 0
     # the same run in another results root, killed (whole process group, like a node failure) after a checkpoint
     data = json.loads(json.dumps(data))
     data["results"] = str(root / "killed-results")
-    config_file, paths = sft_config(root, data, "sft-kill", max_steps=24, save_steps=4, eval_steps=100)
+    config_file, paths = sft_config(root, data, "sft-kill", max_steps=120, save_steps=4, eval_steps=1000)
     out = paths.sft("sft_s")
     assert out.name == reference.sft("sft_s").name  # same config, same versioned name
     for name in ("tokenized/shapes_s", "tokenizer", "vq"):  # share the inputs
@@ -79,11 +78,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
     while not (partial / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
         assert process.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_tree(process.pid)
     process.wait()
     assert not out.exists() and partial.is_dir()  # nothing looks finished
     steps_done = max(int(p.name.split("-")[1]) for p in (partial / "checkpoints").glob("checkpoint-*"))
-    assert steps_done < 24
+    assert steps_done < 120
     result = sft(config_file, out)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed, uninterrupted = weights(out), weights(reference.sft("sft_s"))

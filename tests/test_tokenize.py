@@ -41,14 +41,16 @@ def test_tokenized_shards_hold_the_vq_codes_of_the_data(built):
     assert shards["id"] == source["id"] and shards["instruction"] == source["instruction"]
     assert shards["edit_type"] == source["edit_type"]
     vq = load_vq(paths.vq())
-    expected = encode(vq, [resize_to_area(img, 4096) for img in source["target_image"][:5]])
+    world = data["datasets"]["shapes_s"]["source"]
+    expected = encode(vq, [resize_to_area(img, data["datasets"]["shapes_s"]["image_area"]) for img in source["target_image"][:5]])
     for row, grid in zip(shards.select(range(5)), expected):
         np.testing.assert_array_equal(np.array(row["target_codes"]), grid)
-        assert np.array(row["source_codes"]).shape == (8, 8)
+        assert np.array(row["source_codes"]).shape == (world["rows"], world["cols"])
     # the shards feed the layout directly: an SFT example builds from a row
     layout = Layout(load_text_tokenizer(paths.text_tokenizer()), vq.config.codebook_size)
     ids, labels = layout.sft_example(np.array(shards[0]["source_codes"]), shards[0]["instruction"], np.array(shards[0]["target_codes"]))
-    assert len(ids) == len(labels) > 2 * 79
+    block = 1 + 3 + 1 + world["rows"] * (world["cols"] + 1) + 2  # BOI "H*W" IMG rows EOF EOI
+    assert len(ids) == len(labels) > 2 * block
 
 
 def test_output_does_not_depend_on_workers_and_is_deterministic(built):

@@ -66,4 +66,4 @@ def test_paper_config_plans_its_dag_without_gpu_or_network(tmp_path):
     assert planned_jobs(result) == {"all": 1, "text_tokenizer": 1, "tokenize": 8, "vq": 1, "sft": 4, "rl": 3}
     for rule in ("sft", "rl"):
         blocks = [b for b in result.stdout.split("rule ")[1:] if b.startswith(f"{rule}:")]
-        assert blocks and all("gpus=4" in b for b in blocks), rule
+        assert blocks and all("gpu=4" in b for b in blocks), rule

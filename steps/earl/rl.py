@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 from transformers import Emu3ForCausalLM, GenerationConfig
 
 from earl import artifacts, heldout, layout as layout_mod
@@ -261,13 +262,16 @@ def train(config: Config, out: Path, experiment: str) -> None:
     if rank == 0:
         forget_after(work / "metrics.csv", start)  # rows a killed run logged after its last checkpoint
     writer = SummaryWriter(str(work / "tensorboard")) if rank == 0 else None
-    for iteration in range(start, spec.num_iterations):
+    bar = tqdm(range(start, spec.num_iterations), initial=start, total=spec.num_iterations, desc="grpo",
+               unit="it", disable=rank != 0, mininterval=5)
+    for iteration in bar:
         metrics = iteration_step(config, pool, iteration, policy, reference, optimizer, engine, vq, rank, size)
         if rank == 0 and spec.eval_every and (iteration + 1) % spec.eval_every == 0:
             report = heldout_reward(config, policy, layout, vq, held)
             metrics["heldout_reward"] = float(np.mean([s.overall for samples in report.values() for s in samples]))
         if rank == 0:
             log_metrics(work / "metrics.csv", writer, metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}", refresh=False)
         if (iteration + 1) % spec.save_every == 0 or iteration + 1 == spec.num_iterations:
             save_checkpoint(work, iteration, policy, optimizer, rank)
     if rank != 0:

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import datasets
@@ -54,6 +55,7 @@ from earl.sources import DataError
 from earl.text_tokenizer import load_text_tokenizer
 
 CHECKPOINTS = "checkpoints"
+REPO = Path(__file__).resolve().parents[2]  # the checkout, where config/deepspeed/*.json live
 
 
 # ------------------------------------------------------------------------------------------- the data
@@ -167,6 +169,8 @@ def deepspeed_config(spec: SFT) -> str | None:
     if spec.deepspeed is None:
         return None
     path = Path(spec.deepspeed)
+    if not path.is_absolute() and not path.exists() and (REPO / path).exists():
+        path = REPO / path  # a path of this repository (config/deepspeed/...), run from another directory
     try:
         ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -327,6 +331,8 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=callbacks,
     )
+    # DeepSpeed 0.19 calls collectives torch 2.13 deprecated, ~30 times a step: the log would be all warnings
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     result = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work / CHECKPOINTS)))
     trainer.save_model(str(work))  # all ranks: ZeRO-3 gathers the sharded weights
     if not trainer.is_world_process_zero():

@@ -20,9 +20,13 @@ rule rl:
         directory(f"{RESULTS}/rl/{{run}}"),
     log:
         f"{LOGS}/rl/{{run}}.log",
+    conda:
+        conda_env("vllm" if CFG.rl.engine == "vllm" else "rl")
+    container:
+        container_image("vllm" if CFG.rl.engine == "vllm" else "rl")
     threads: CFG.rl.num_processes * CFG.rl.threads_per_process
     resources:
-        gpus=CFG.rl.gpus,
+        gpu=CFG.rl.gpus,
     params:
         config=STEP_ARGS,
         experiment=lambda w: RL_RUNS[w.run],

@@ -22,9 +22,13 @@ rule sft:
         directory(f"{RESULTS}/sft/{{run}}"),
     log:
         f"{LOGS}/sft/{{run}}.log",
+    conda:
+        conda_env("sft")
+    container:
+        container_image("sft")
     threads: CFG.sft.num_processes * CFG.sft.threads_per_process
     resources:
-        gpus=CFG.sft.gpus,
+        gpu=CFG.sft.gpus,
     params:
         config=STEP_ARGS,
         experiment=lambda w: SFT_RUNS[w.run][0],
