@@ -99,14 +99,25 @@ def tiny_pipeline(tmp_path_factory):
     return root, data, config_file, paths
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant, like a node failure (torchrun's workers have their own sessions)."""
+def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: float = 300) -> None:
+    """Start ``python -m earl.<name>``, wait until the file ``ready`` exists, then SIGKILL the step's whole process
+    tree, like a node failure (torchrun's workers live in their own sessions, so a process group is not enough)."""
+    import time
+
     import psutil
 
-    parent = psutil.Process(pid)
-    for process in [*parent.children(recursive=True), parent]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"earl.{name}", "--config", config, "--out", str(out), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while not Path(ready).exists():
+        assert process.poll() is None and time.time() < deadline, f"{name} ended before {ready} appeared"
+        time.sleep(0.05)
+    parent = psutil.Process(process.pid)
+    for victim in [*parent.children(recursive=True), parent]:
         try:
-            process.kill()
+            victim.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs([parent])
+    process.wait()

@@ -21,6 +21,14 @@ def test_advantages_are_group_z_scores_with_population_std():
     assert adv.tolist() == pytest.approx(expected)
 
 
+def test_failed_judgements_are_left_out_of_their_group():
+    rewards = torch.tensor([1.0, 3.0, 99.0, 0.0])
+    adv = group_advantages(rewards, group_size=4, eps=0.0, valid=torch.tensor([True, True, False, True]))
+    # statistics of {1, 3, 0}: mean 4/3, population std sqrt(14/9)
+    mean, std = 4 / 3, math.sqrt(((1 - 4 / 3) ** 2 + (3 - 4 / 3) ** 2 + (4 / 3) ** 2) / 3)
+    assert adv.tolist() == pytest.approx([(1 - mean) / std, (3 - mean) / std, 0.0, (0 - mean) / std])
+
+
 def test_k3_is_zero_at_equality_and_matches_the_formula():
     logp = torch.tensor([-1.0, -2.0, -0.5])
     ref = torch.tensor([-1.0, -1.0, -3.0])

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import kill_tree, step, write_config
+from conftest import kill_step_when, step, write_config
 from earl import artifacts
 from earl.config import from_dict
+from test_judge import server  # noqa: F401  (the fake judge fixture)
 from test_sft import sft_config
 
 
@@ -71,16 +70,8 @@ def test_killed_rl_resumes_to_the_same_weights(sft_done):
     kill_file, paths = rl_config(root, config_file, "rl-kill", save_every=1, eval_every=None, num_iterations=12)
     kill_out = root / "rl-killed" / paths.rl("sft_s__rl_sc").name
     partial = kill_out.with_name(kill_out.name + ".partial")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "earl.rl", "--config", kill_file, "--out", str(kill_out), "--experiment", "sft_s__rl_sc"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (partial / "checkpoints" / "iter_000001" / "state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.05)
-    kill_tree(process.pid)
-    process.wait()
+    kill_step_when("rl", kill_file, kill_out, partial / "checkpoints" / "iter_000001" / "state.json",
+                   "--experiment", "sft_s__rl_sc")
     assert not kill_out.exists()
     assert rl(kill_file, kill_out).returncode == 0
     resumed, uninterrupted = load_file(str(kill_out / "model.safetensors")), load_file(str(ref_paths.rl("sft_s__rl_sc") / "model.safetensors"))
@@ -110,3 +101,28 @@ def test_experiment_without_rl_stage_is_one_line(sft_done):
     result = rl(config_file, root / "rl-none", experiment="sft_s")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --experiment 'sft_s' is not an experiment with an rl stage")
+
+
+def test_rl_with_a_viescore_judge_over_http(sft_done, server):
+    """The rl step scores with a VLM judge behind a local chat-completions server that fails 30 % of requests."""
+    root, config_file = sft_done
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    judge = {"kind": "viescore", "model": "judge", "base_url": url, "timeout_s": 0.5, "backoff_s": 0.01, "max_concurrency": 8}
+    rl_file, _ = rl_config(root, config_file, "rl-judge", num_iterations=2, eval_every=None, reward=judge)
+    out = root / "rl-judge-out"
+    result = rl(rl_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert len(rows) == 2 and all(float(r["reward_mean"]) > 0 for r in rows)
+    assert server.requests > 2 * 8 * 2  # SC + PQ for every sample of both iterations, plus retries and held-out
+
+
+def test_judge_url_without_v1_stops_rl_before_training(sft_done):
+    root, config_file = sft_done
+    judge = {"kind": "viescore", "model": "judge", "base_url": "http://127.0.0.1:9"}
+    rl_file, _ = rl_config(root, config_file, "rl-badurl", reward=judge)
+    result = rl(rl_file, root / "rl-badurl-out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: rl.reward.base_url: 'http://127.0.0.1:9' must end in /v1 (e.g. http://judge-host:8000/v1)"
+    )

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Emu3ForCausalLM
 
-from conftest import kill_tree, step, write_config
+from conftest import kill_step_when, step, write_config
 from earl import artifacts
 from earl.config import from_dict
 from earl.models import load_checked
@@ -70,16 +68,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
             (root / "killed-results" / src.relative_to(root / "results")).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(src, root / "killed-results" / src.relative_to(root / "results"))
     partial = out.with_name(out.name + ".partial")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "earl.sft", "--config", config_file, "--out", str(out), "--experiment", "sft_s"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while not (partial / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
-        time.sleep(0.05)
-    kill_tree(process.pid)
-    process.wait()
+    kill_step_when("sft", config_file, out, partial / "checkpoints" / "checkpoint-8" / "trainer_state.json",
+                   "--experiment", "sft_s")
     assert not out.exists() and partial.is_dir()  # nothing looks finished
     steps_done = max(int(p.name.split("-")[1]) for p in (partial / "checkpoints").glob("checkpoint-*"))
     assert steps_done < 120

@@ -220,8 +220,12 @@ class Reward(Section):
     kind: Literal["verifier", "viescore"]
     model: str | None = Field(None, description="judge model name, e.g. Qwen/Qwen2.5-VL-72B-Instruct")
     base_url: str | None = Field(None, description="must end in /v1; null: read EARL_JUDGE_BASE_URL")
-    max_concurrency: int = 64
+    max_concurrency: int = Field(64, ge=1, description="requests in flight per rank")
     max_tokens: int = 1400
+    timeout_s: float = Field(120.0, gt=0, description="one request")
+    max_attempts: int = Field(5, ge=1, description="tries per question before the sample counts as failed")
+    backoff_s: float = Field(0.1, ge=0, description="first retry delay, doubled each try")
+    deadline_s: float = Field(1800.0, gt=0, description="all judging of one batch")
 
 
 class GRPO(Section):

@@ -21,12 +21,18 @@ import torch
 from earl.layout import SpecialIds
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """(r − group mean) / (group population std + eps) for rewards laid out group after group."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(r − group mean) / (group population std + eps) for rewards laid out group after group.
+
+    ``valid`` (bool) leaves samples out of their group's statistics (a judge that gave no answer); their
+    advantage is 0.
+    """
     groups = rewards.view(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, unbiased=False, keepdim=True)
-    return ((groups - mean) / (std + eps)).view(-1)
+    weight = torch.ones_like(groups) if valid is None else valid.view(-1, group_size).to(groups.dtype)
+    count = weight.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (groups * weight).sum(dim=1, keepdim=True) / count
+    std = (((groups - mean) ** 2 * weight).sum(dim=1, keepdim=True) / count).sqrt()
+    return ((groups - mean) / (std + eps) * weight).view(-1)
 
 
 def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -45,3 +45,7 @@ class Verifier:
         source = shapes.Scene.from_json(row["source_scene"])
         success, preservation = shapes.check_edit(source, json.loads(row["edit_spec"]), shapes.parse(edited, self.world))
         return Score(10.0 * success, 10.0 * preservation)
+
+    def score_many(self, edited: list[Image.Image | None], rows: list[dict], sources: list[Image.Image] | None = None) -> list[Score]:
+        """The judges' common interface; the verifier reads the scene ground truth, not the source image."""
+        return [self.score(image, row) for image, row in zip(edited, rows)]

@@ -42,7 +42,8 @@ from earl.config import Config, ConfigError
 from earl.engine import HFEngine, SamplingParams
 from earl.grpo import group_advantages, grpo_loss, token_logprobs
 from earl.models import fingerprint, load_checked, load_vq
-from earl.rewards import ZERO, Verifier
+from earl.judge import VIEScoreJudge
+from earl.rewards import Verifier
 from earl.sft import load_tokenized, mixture
 from earl.text_tokenizer import load_text_tokenizer
 
@@ -62,7 +63,7 @@ def make_reward(config: Config, name: str):
         if source.kind != "shapes":
             raise ConfigError(f"rl.reward.kind: verifier needs a generated shapes dataset, {name!r} is {source.kind!r}")
         return Verifier(source)
-    raise ConfigError("rl.reward.kind: viescore is not implemented yet; use verifier")
+    return VIEScoreJudge(judge)
 
 
 class Pool:
@@ -142,15 +143,17 @@ def heldout_reward(config: Config, model, layout, vq, rows_by_name) -> dict[str,
     for name, rows in rows_by_name.items():
         reward = make_reward(config, name)
         sources = [np.asarray(r["source_codes"]) for r in rows]
+        source_images = heldout.decode_all(vq, sources)
         prompts = [layout.prompt(s, r["instruction"], config.evaluate.assistant_prefill) for s, r in zip(sources, rows)]
         params = SamplingParams(max_tokens=config.rl.max_response_tokens, temperature=0.0)
         grids = heldout.grids_of(layout, engine.generate(prompts, [s.shape for s in sources], params), [s.shape for s in sources])
         images = heldout.decode_all(vq, grids)
-        report[name] = heldout.score_rows(rows, images, [reward.score(im, r) for im, r in zip(images, rows)])
+        report[name] = heldout.score_rows(rows, images, reward.score_many(images, rows, source_images))
     return report
 
 
-def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference, optimizer, engine, vq, rank: int, size: int) -> dict:
+def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference, optimizer, engine, vq, rewards_of: dict,
+                   rank: int, size: int) -> dict:
     """One GRPO iteration on this rank's share of the prompts; returns metrics summed over ranks."""
     spec, ids = config.rl, pool.layout.ids
     group = spec.generations_per_sample
@@ -171,13 +174,18 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
 
     parsed = heldout.grids_of(pool.layout, rollouts, grids)
     images = heldout.decode_all(vq, parsed)
-    scores = []
-    for k, image in enumerate(images):
-        name, row = drawn[k // group]
-        scores.append(make_reward(config, name).score(image, row) if image is not None else ZERO)
+    rows = [row for _, row in drawn for _ in range(group)]
+    names = [name for name, _ in drawn for _ in range(group)]
+    sources = heldout.decode_all(vq, [np.asarray(r["source_codes"]) for r in rows])  # what a VLM judge compares with
+    scores = [None] * len(rows)
+    for name in set(names):  # one judge call per dataset, concurrent inside
+        mine = [k for k, n in enumerate(names) if n == name]
+        for k, score in zip(mine, rewards_of[name].score_many([images[k] for k in mine], [rows[k] for k in mine],
+                                                              [sources[k] for k in mine])):
+            scores[k] = score
     rewards = torch.tensor([s.overall for s in scores])
     judged = torch.tensor([not s.failed for s in scores], dtype=torch.float)
-    advantages = group_advantages(rewards, group, spec.advantage_eps) * judged
+    advantages = group_advantages(rewards, group, spec.advantage_eps, valid=judged.bool())
 
     completions = [rollouts.completion(k) for k in range(len(prompts))]
     total_tokens = all_sum(torch.tensor(float(sum(len(c) * j for c, j in zip(completions, judged.tolist())))))
@@ -240,6 +248,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     layout = layout_mod.Layout(tokenizer, artifacts.read_manifest(paths.vq())["codebook_size"])
     vq = load_vq(paths.vq()).to(device)
     pool = Pool(config, stage, layout)
+    rewards_of = {name: make_reward(config, name) for name in stage.datasets}
     engine = HFEngine(policy, layout, spec.rollout_batch_size)
     held = {}
     for name in stage.datasets:
@@ -265,7 +274,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     bar = tqdm(range(start, spec.num_iterations), initial=start, total=spec.num_iterations, desc="grpo",
                unit="it", disable=rank != 0, mininterval=5)
     for iteration in bar:
-        metrics = iteration_step(config, pool, iteration, policy, reference, optimizer, engine, vq, rank, size)
+        metrics = iteration_step(config, pool, iteration, policy, reference, optimizer, engine, vq, rewards_of, rank, size)
         if rank == 0 and spec.eval_every and (iteration + 1) % spec.eval_every == 0:
             report = heldout_reward(config, policy, layout, vq, held)
             metrics["heldout_reward"] = float(np.mean([s.overall for samples in report.values() for s in samples]))

@@ -1,0 +1,157 @@
+"""The VIEScore judge: a vision-language model behind any OpenAI-compatible chat endpoint (spec §C.6, §D.2).
+
+Two questions per edit, as the paper asked them: semantic consistency (SC: [edit success, over-editing]) with
+the source and the edited image, perceptual quality (PQ: [naturalness, artifacts]) with the edited image only.
+The prompt texts are VIEScore's published 0-shot prompts (TIGER-AI-Lab/VIEScore, ``vie_prompts.py``), kept
+verbatim for metric parity. Unlike the original, a reply is parsed strictly (a JSON object whose ``score`` is a
+list of two numbers in [0, 10]), failures are retried with back-off inside a total deadline, and an edit whose
+judging finally fails is reported as failed, never given an invented score.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+from PIL import Image
+
+from earl.config import ConfigError
+from earl.rewards import ZERO, Score
+
+CONTEXT = """You are a professional digital artist. You will have to evaluate the effectiveness of the AI-generated image(s) based on given rules.
+All the input images are AI-generated. All human in the images are AI-generated too. so you need not worry about the privacy confidentials.
+
+You will have to give your output in this way (Keep your reasoning concise and short.):
+{
+"score" : [...],
+"reasoning" : "..."
+}"""
+
+TWO_IMAGE_EDIT_RULE = """RULES:
+
+Two images will be provided: The first being the original AI-generated image and the second being an edited version of the first.
+The objective is to evaluate how successfully the editing instruction has been executed in the second image.
+
+Note that sometimes the two images might look identical due to the failure of image edit.
+"""
+
+SC_RULE = """
+From scale 1 to 10: 
+A score from 1 to 10 will be given based on the success of the editing. (1 indicates that the scene in the edited image does not follow the editing instruction at all. 10 indicates that the scene in the edited image follow the editing instruction text perfectly.)
+A second score from 1 to 10 will rate the degree of overediting in the second image. (1 indicates that the scene in the edited image is completely different from the original. 10 indicates that the edited image can be recognized as a minimal edited yet effective version of original.)
+Put the score in a list such that output score = [score1, score2], where 'score1' evaluates the editing success and 'score2' evaluates the degree of overediting.
+
+Editing instruction: <instruction>
+"""
+
+PQ_RULE = """RULES:
+
+The image is an AI-generated image.
+The objective is to evaluate how successfully the image has been generated.
+
+From scale 1 to 10: 
+A score from 1 to 10 will be given based on image naturalness. 
+(
+    1 indicates that the scene in the image does not look natural at all or give a unnatural feeling such as wrong sense of distance, or wrong shadow, or wrong lighting. 
+    10 indicates that the image looks natural.
+)
+A second score from 1 to 10 will rate the image artifacts. 
+(
+    1 indicates that the image contains a large portion of distortion, or watermark, or scratches, or blurred faces, or unusual body parts, or subjects not harmonized. 
+    10 indicates the image has no artifacts.
+)
+Put the score in a list such that output score = [naturalness, artifacts]
+"""
+
+
+class JudgeReplyError(ValueError):
+    """The judge answered, but not with a JSON object holding two scores in [0, 10]."""
+
+
+def sc_prompt(instruction: str) -> str:
+    return "\n".join([CONTEXT, TWO_IMAGE_EDIT_RULE, SC_RULE.replace("<instruction>", instruction)])
+
+
+def pq_prompt() -> str:
+    return "\n".join([CONTEXT, PQ_RULE])
+
+
+def parse_scores(text: str) -> list[float]:
+    """The two scores of a reply; :class:`JudgeReplyError` for prose, one score, or a value outside [0, 10]."""
+    match = re.search(r"\{.*\}", text, re.S)
+    if match is None:
+        raise JudgeReplyError(f"no JSON object in the reply: {text[:80]!r}")
+    try:
+        scores = json.loads(match.group(0))["score"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise JudgeReplyError(f"reply is not {{'score': [...]}}: {error}") from None
+    if not isinstance(scores, list) or len(scores) != 2 or not all(isinstance(s, (int, float)) for s in scores):
+        raise JudgeReplyError(f"expected two scores, got {scores!r}")
+    if not all(0 <= s <= 10 for s in scores):
+        raise JudgeReplyError(f"scores outside [0, 10]: {scores!r}")
+    return [float(s) for s in scores]
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def base_url_of(configured: str | None) -> str:
+    """The endpoint from config or ``EARL_JUDGE_BASE_URL``; it must end in ``/v1`` (checked at start-up)."""
+    url = configured or os.environ.get("EARL_JUDGE_BASE_URL")
+    if not url:
+        raise ConfigError("rl.reward.base_url: not set and EARL_JUDGE_BASE_URL is empty")
+    if not url.rstrip("/").endswith("/v1"):
+        raise ConfigError(f"rl.reward.base_url: {url!r} must end in /v1 (e.g. http://judge-host:8000/v1)")
+    return url.rstrip("/")
+
+
+class VIEScoreJudge:
+    """SC and PQ from an OpenAI-compatible endpoint, concurrent, with bounded retries and a total deadline."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        # the key only from the environment, never from config or any file
+        self.client = openai.OpenAI(base_url=base_url_of(spec.base_url), api_key=os.environ.get("EARL_JUDGE_API_KEY", "NONE"),
+                                    timeout=spec.timeout_s, max_retries=0)
+        self.faults = 0  # failed requests (timeouts, HTTP errors, unparseable replies), retried or not
+        self._lock = threading.Lock()
+
+    def _ask(self, text: str, images: list[Image.Image], deadline: float) -> list[float] | None:
+        content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+        for attempt in range(self.spec.max_attempts):
+            if time.monotonic() > deadline:
+                return None
+            try:
+                reply = self.client.chat.completions.create(
+                    model=self.spec.model, messages=[{"role": "user", "content": content}], max_tokens=self.spec.max_tokens,
+                )
+                return parse_scores(reply.choices[0].message.content or "")
+            except (openai.APIError, JudgeReplyError):
+                with self._lock:
+                    self.faults += 1
+                time.sleep(min(self.spec.backoff_s * 2**attempt, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def _one(self, edited: Image.Image | None, source: Image.Image, instruction: str, deadline: float) -> Score:
+        if edited is None:
+            return ZERO  # malformed or unfinished: 0 without asking the judge
+        sc = self._ask(sc_prompt(instruction), [source, edited], deadline)
+        pq = self._ask(pq_prompt(), [edited], deadline) if sc is not None else None
+        if sc is None or pq is None:
+            return Score(0.0, 0.0, failed=True)
+        return Score(min(sc), min(pq))
+
+    def score_many(self, edited: list[Image.Image | None], rows: list[dict], sources: list[Image.Image]) -> list[Score]:
+        deadline = time.monotonic() + self.spec.deadline_s
+        with ThreadPoolExecutor(self.spec.max_concurrency) as pool:
+            return list(pool.map(lambda a: self._one(*a, deadline), zip(edited, sources, [r["instruction"] for r in rows])))
