@@ -126,3 +126,11 @@ def test_judge_url_without_v1_stops_rl_before_training(sft_done):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: rl.reward.base_url: 'http://127.0.0.1:9' must end in /v1 (e.g. http://judge-host:8000/v1)"
     )
+
+
+def test_unimplemented_engine_is_refused_not_silently_replaced(sft_done):
+    root, config_file = sft_done
+    rl_file, _ = rl_config(root, config_file, "rl-vllm", engine="vllm")
+    result = rl(rl_file, root / "rl-vllm-out")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: rl.engine: 'vllm' is not implemented yet; the built-in engine is 'hf'"

@@ -352,6 +352,8 @@ def check(config: Config, out: Path, experiment: str) -> int:
         artifacts.read_manifest(directory)
     for name in stage.datasets:
         make_reward(config, name)
+    if config.rl.engine != "hf":
+        raise ConfigError(f"rl.engine: {config.rl.engine!r} is not implemented yet; the built-in engine is 'hf'")
     return config.rl.num_processes
 
 
