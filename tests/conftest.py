@@ -1,11 +1,18 @@
-"""Shared fixtures: Emu3-structured tokenizers built locally (nothing is downloaded in tests)."""
+"""Shared fixtures: Emu3-structured tokenizers and a test-size pipeline built locally, step runners, and a fake
+chat-completions judge on 127.0.0.1 (nothing is downloaded in tests)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import yaml
@@ -102,8 +109,6 @@ def tiny_pipeline(tmp_path_factory):
 def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: float = 300) -> None:
     """Start ``python -m earl.<name>``, wait until the file ``ready`` exists, then SIGKILL the step's whole process
     tree, like a node failure (torchrun's workers live in their own sessions, so a process group is not enough)."""
-    import time
-
     import psutil
 
     process = subprocess.Popen(
@@ -121,3 +126,56 @@ def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: flo
         except psutil.NoSuchProcess:
             pass
     process.wait()
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """Scores [8, 6] for SC questions and [9, 7] for PQ ones; a seeded 30 % of requests get a fault."""
+
+    faults = ("timeout", "http500", "prose", "one_score")
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server = self.server
+        with server.lock:
+            server.requests += 1
+            draw = server.rng.random()
+            fault = self.faults[server.rng.integers(4)] if draw < server.fault_rate else None
+            if fault:
+                server.fault_counts[fault] += 1
+        content = body["messages"][0]["content"]
+        images = sum(1 for part in content if part["type"] == "image_url")
+        if fault == "timeout":
+            time.sleep(4.0)
+        if fault == "http500":
+            self.send_response(500)
+            self.end_headers()
+            return
+        scores = [8, 6] if images == 2 else [9, 7]
+        text = {"prose": "The edit looks good to me.", "one_score": json.dumps({"score": [8]})}.get(
+            fault, json.dumps({"score": scores, "reasoning": "ok"})
+        )
+        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+        data = json.dumps(reply).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow answer
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    httpd.lock, httpd.requests, httpd.rng = threading.Lock(), 0, np.random.default_rng(0)
+    httpd.fault_rate, httpd.fault_counts = 0.3, {f: 0 for f in FakeJudge.faults}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from conftest import kill_step_when, step, write_config
 from earl import artifacts
 from earl.config import from_dict
-from test_judge import server  # noqa: F401  (the fake judge fixture)
 from test_sft import sft_config
 
 

@@ -61,6 +61,24 @@ def score_rows(rows: list[dict], images: list[Image.Image | None], scores: list[
     ]
 
 
+def edit_rows(engine, layout: Layout, vq, rows: list[dict], prefill: str, params) -> list[Image.Image | None]:
+    """One edit per tokenized row, constrained to its source's grid, decoded; None where malformed."""
+    sources = [np.asarray(r["source_codes"]) for r in rows]
+    prompts = [layout.prompt(s, r["instruction"], prefill) for s, r in zip(sources, rows)]
+    shapes = [s.shape for s in sources]
+    return decode_all(vq, grids_of(layout, engine.generate(prompts, shapes, params), shapes))
+
+
+def judge_rows(reward, vq, rows: list[dict], images: list[Image.Image | None]) -> list[Score]:
+    """``reward.score_many``, decoding the source images only for a judge that looks at them."""
+    sources = decode_all(vq, [np.asarray(r["source_codes"]) for r in rows]) if reward.needs_source_image else None
+    return reward.score_many(images, rows, sources)
+
+
+def score_edits(reward, vq, rows: list[dict], images: list[Image.Image | None]) -> list[Sample]:
+    return score_rows(rows, images, judge_rows(reward, vq, rows, images))
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (0 for fewer than two values)."""
     if not values:

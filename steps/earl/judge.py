@@ -118,6 +118,8 @@ def base_url_of(configured: str | None) -> str:
 class VIEScoreJudge:
     """SC and PQ from an OpenAI-compatible endpoint, concurrent, with bounded retries and a total deadline."""
 
+    needs_source_image = True  # the SC question shows the source beside the edit
+
     def __init__(self, spec):
         self.spec = spec
         # the key only from the environment, never from config or any file

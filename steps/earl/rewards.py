@@ -35,6 +35,8 @@ ZERO = Score(0.0, 0.0)
 class Verifier:
     """Programmatic judge of shapes edits: parses the decoded image and checks it with :func:`shapes.check_edit`."""
 
+    needs_source_image = False  # it reads the scene ground truth instead
+
     def __init__(self, world_spec):
         self.world = shapes.WorldSpec.of(world_spec)
 

@@ -23,21 +23,18 @@ import argparse
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main as torchrun
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import Emu3ForCausalLM, GenerationConfig
 
 from earl import artifacts, heldout, layout as layout_mod
-from earl.cli_util import run_step
+from earl.cli_util import run_distributed
 from earl.config import Config, ConfigError
 from earl.engine import HFEngine, SamplingParams
 from earl.grpo import group_advantages, grpo_loss, token_logprobs
@@ -136,20 +133,14 @@ def save_checkpoint(work: Path, iteration: int, policy, optimizer, rank: int) ->
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def heldout_reward(config: Config, model, layout, vq, rows_by_name) -> dict[str, list[heldout.Sample]]:
+def heldout_reward(config: Config, model, layout, vq, rows_by_name, rewards_of: dict) -> dict[str, list[heldout.Sample]]:
     """Greedy held-out edits of the pool's datasets, scored by the training reward (same code as SFT's check)."""
     engine = HFEngine(model, layout, config.rl.rollout_batch_size)
-    report = {}
-    for name, rows in rows_by_name.items():
-        reward = make_reward(config, name)
-        sources = [np.asarray(r["source_codes"]) for r in rows]
-        source_images = heldout.decode_all(vq, sources)
-        prompts = [layout.prompt(s, r["instruction"], config.evaluate.assistant_prefill) for s, r in zip(sources, rows)]
-        params = SamplingParams(max_tokens=config.rl.max_response_tokens, temperature=0.0)
-        grids = heldout.grids_of(layout, engine.generate(prompts, [s.shape for s in sources], params), [s.shape for s in sources])
-        images = heldout.decode_all(vq, grids)
-        report[name] = heldout.score_rows(rows, images, reward.score_many(images, rows, source_images))
-    return report
+    params = SamplingParams(max_tokens=config.rl.max_response_tokens, temperature=0.0)
+    return {
+        name: heldout.score_edits(rewards_of[name], vq, rows, heldout.edit_rows(engine, layout, vq, rows, config.evaluate.assistant_prefill, params))
+        for name, rows in rows_by_name.items()
+    }
 
 
 def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference, optimizer, engine, vq, rewards_of: dict,
@@ -176,12 +167,10 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
     images = heldout.decode_all(vq, parsed)
     rows = [row for _, row in drawn for _ in range(group)]
     names = [name for name, _ in drawn for _ in range(group)]
-    sources = heldout.decode_all(vq, [np.asarray(r["source_codes"]) for r in rows])  # what a VLM judge compares with
     scores = [None] * len(rows)
     for name in set(names):  # one judge call per dataset, concurrent inside
         mine = [k for k, n in enumerate(names) if n == name]
-        for k, score in zip(mine, rewards_of[name].score_many([images[k] for k in mine], [rows[k] for k in mine],
-                                                              [sources[k] for k in mine])):
+        for k, score in zip(mine, heldout.judge_rows(rewards_of[name], vq, [rows[k] for k in mine], [images[k] for k in mine])):
             scores[k] = score
     rewards = torch.tensor([s.overall for s in scores])
     judged = torch.tensor([not s.failed for s in scores], dtype=torch.float)
@@ -266,7 +255,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     if rank == 0 and (work / "heldout_sft.json").exists():
         before = {n: [heldout.Sample(**s) for s in v] for n, v in json.loads((work / "heldout_sft.json").read_text()).items()}
     elif rank == 0:
-        before = heldout_reward(config, reference, layout, vq, held)
+        before = heldout_reward(config, reference, layout, vq, held, rewards_of)
         artifacts.write_text_atomic(work / "heldout_sft.json", json.dumps({n: heldout.records(v) for n, v in before.items()}))
     if rank == 0:
         forget_after(work / "metrics.csv", start)  # rows a killed run logged after its last checkpoint
@@ -276,7 +265,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     for iteration in bar:
         metrics = iteration_step(config, pool, iteration, policy, reference, optimizer, engine, vq, rewards_of, rank, size)
         if rank == 0 and spec.eval_every and (iteration + 1) % spec.eval_every == 0:
-            report = heldout_reward(config, policy, layout, vq, held)
+            report = heldout_reward(config, policy, layout, vq, held, rewards_of)
             metrics["heldout_reward"] = float(np.mean([s.overall for samples in report.values() for s in samples]))
         if rank == 0:
             log_metrics(work / "metrics.csv", writer, metrics)
@@ -286,7 +275,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     if rank != 0:
         return
     writer.close()
-    after = heldout_reward(config, policy, layout, vq, held)
+    after = heldout_reward(config, policy, layout, vq, held, rewards_of)
     policy.save_pretrained(work)
     tokenizer.save_pretrained(work)
     GenerationConfig(bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos, pad_token_id=layout.ids.pad).save_pretrained(work)
@@ -360,18 +349,7 @@ def check(config: Config, out: Path, experiment: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m earl.rl", description=__doc__)
     parser.add_argument("--experiment", required=True, help="experiment name in config.experiments (with an rl stage)")
-    argv = sys.argv[1:] if argv is None else argv
-    if "LOCAL_RANK" in os.environ:
-        run_step(parser, train, argv, experiment=None)
-        return
-    try:
-        nproc = run_step(parser, check, argv, experiment=None)
-    except FileNotFoundError as error:
-        sys.exit(f"error: {error}")
-    try:
-        torchrun([f"--nproc_per_node={nproc}", "--standalone", "-m", "earl.rl", *argv])
-    except ChildFailedError:
-        sys.exit(1)
+    run_distributed(parser, "earl.rl", check, train, argv, experiment=None)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,13 +39,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main as torchrun
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_utils import get_last_checkpoint
 
 from earl import artifacts, heldout, layout as layout_mod
-from earl.cli_util import run_step
+from earl.cli_util import run_distributed
 from earl.config import SFT, Config, ConfigError, Stage
 from earl.engine import HFEngine, SamplingParams
 from earl.models import fingerprint, load_checked, load_vq
@@ -257,30 +254,26 @@ def training_args(spec: SFT, work: Path, use_cpu: bool) -> TrainingArguments:
 # ------------------------------------------------------------------------------------ quality check
 
 
-def quality_check(config: Config, stage: Stage, model_dir: Path, layout: layout_mod.Layout) -> dict | None:
+def quality_check(config: Config, stage: Stage, model: Emu3ForCausalLM, layout: layout_mod.Layout) -> dict | None:
     """Greedy and T=1 edits of held-out rows, scored by the verifier, next to the copy-the-source baseline."""
     check = config.sft.quality_check
     names = [n for n in stage.datasets if config.datasets[n].source.kind == "shapes"]
     if check is None or not names:
         return None
-    model = load_checked(Emu3ForCausalLM, model_dir).eval()
     vq = load_vq(artifacts.Paths(config).vq())
-    engine = HFEngine(model, layout, check.batch_size)
+    engine = HFEngine(model.eval(), layout, check.batch_size)
     report = {}
     for name in names:
         rows = load_tokenized(config, name, check.split)
         rows = [rows[i] for i in range(min(check.samples, len(rows)))]
         verifier = Verifier(config.datasets[name].source)
-        sources = [np.asarray(r["source_codes"]) for r in rows]
-        prompts = [layout.prompt(s, r["instruction"], config.evaluate.assistant_prefill) for s, r in zip(sources, rows)]
-        shapes = [s.shape for s in sources]
         result = {}
         for label, temperature in (("greedy", 0.0), ("sampled", 1.0)):
             params = SamplingParams(max_tokens=check.max_tokens, temperature=temperature, seed=config.sft.seed)
-            images = heldout.decode_all(vq, heldout.grids_of(layout, engine.generate(prompts, shapes, params), shapes))
-            result[label] = heldout.summarize(heldout.score_rows(rows, images, [verifier.score(im, r) for im, r in zip(images, rows)]))
-        copies = heldout.decode_all(vq, sources)
-        result["copy_source"] = heldout.summarize(heldout.score_rows(rows, copies, [verifier.score(im, r) for im, r in zip(copies, rows)]))
+            images = heldout.edit_rows(engine, layout, vq, rows, config.evaluate.assistant_prefill, params)
+            result[label] = heldout.summarize(heldout.score_edits(verifier, vq, rows, images))
+        copies = heldout.decode_all(vq, [np.asarray(r["source_codes"]) for r in rows])
+        result["copy_source"] = heldout.summarize(heldout.score_edits(verifier, vq, rows, copies))
         report[name] = result
     return report
 
@@ -347,7 +340,7 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
             work, step="sft", config={"sft": spec, "stage": this, "stage_index": stage}, inputs=inputs,
             experiment=experiment, fingerprint=fingerprint(saved), parameters=saved.num_parameters(),
             data=data_stats, train=result.metrics, global_step=trainer.state.global_step,
-            best_checkpoint=trainer.state.best_model_checkpoint, quality=quality_check(config, this, work, layout),
+            best_checkpoint=trainer.state.best_model_checkpoint, quality=quality_check(config, this, saved, layout),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
         )
 
@@ -356,18 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m earl.sft", description=__doc__)
     parser.add_argument("--experiment", required=True, help="experiment name in config.experiments")
     parser.add_argument("--stage", type=int, default=0, help="index of the SFT stage (two-stage SFT: 0, then 1)")
-    argv = sys.argv[1:] if argv is None else argv
-    if "LOCAL_RANK" in os.environ:  # a worker started by torchrun
-        run_step(parser, train, argv, experiment=None, stage=None)
-        return
-    try:
-        nproc = run_step(parser, check, argv, experiment=None, stage=None)
-    except FileNotFoundError as error:
-        sys.exit(f"error: {error}")
-    try:
-        torchrun([f"--nproc_per_node={nproc}", "--standalone", "-m", "earl.sft", *argv])
-    except ChildFailedError:
-        sys.exit(1)  # the worker has printed its own one-line error (or traceback) above
+    run_distributed(parser, "earl.sft", check, train, argv, experiment=None, stage=None)
 
 
 if __name__ == "__main__":

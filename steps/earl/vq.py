@@ -290,9 +290,14 @@ def split_pairs(config, name: str, split: str) -> list[tuple[Image.Image, Image.
     ]
 
 
-def recoded_fraction(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]]) -> float:
-    """Share of the cells an edit left untouched whose code nevertheless changed (0 for a perfectly local VQ)."""
-    sources, targets = encode(vq, [a for a, _ in pairs]), encode(vq, [b for _, b in pairs])
+def recoded_fraction(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], codes: list[np.ndarray] | None = None) -> float:
+    """Share of the cells an edit left untouched whose code nevertheless changed (0 for a perfectly local VQ).
+
+    ``codes``: the pairs' codes, source and target interleaved as ``encode`` returns them for the flattened
+    pairs, when the caller has them already.
+    """
+    codes = encode(vq, [img for pair in pairs for img in pair]) if codes is None else codes
+    sources, targets = codes[0::2], codes[1::2]
     recoded = total = 0
     for (a, b), ca, cb in zip(pairs, sources, targets):
         mask = unchanged_cells(to_pixels(a)[None], to_pixels(b)[None], vq.spatial_scale_factor)[0].numpy()
@@ -309,7 +314,8 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
     :func:`recoded_fraction` over the edit pairs.
     """
     images = [img for pair in pairs for img in pair]
-    decoded = decode(vq, encode(vq, images))
+    codes = encode(vq, images)
+    decoded = decode(vq, codes)
     truth = [shapes.parse(img, world) for img in images]
     recon = [shapes.parse(img, world) for img in decoded]
     kept = [(o, r.at(*o.cell)) for t, r in zip(truth, recon) for o in t.objects]
@@ -324,7 +330,7 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
         "scene_exact": sum(t == r for t, r in zip(truth, recon)) / len(images),
         "mean_abs_error": float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                                          for a, b in zip(images, decoded)])),
-        "unchanged_cells_recoded": recoded_fraction(vq, pairs),
+        "unchanged_cells_recoded": recoded_fraction(vq, pairs, codes),
     }
 
 
