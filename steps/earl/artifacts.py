@@ -99,6 +99,23 @@ class Paths:
         label = "+".join(stage.datasets)
         return self.root / "rl" / f"{label}-{stable_hash(self.config.rl, stage, inputs)}"
 
+    def model(self, experiment: str) -> Path:
+        """The experiment's final model: its RL output, or its last SFT stage when it has no RL."""
+        return self.rl(experiment) if self.config.experiments[experiment].rl else self.sft(experiment)
+
+    def evaluate(self, experiment: str, benchmark: str) -> Path:
+        """Edits and scores of the experiment's final model on one benchmark.
+
+        Versioned by the model, not the experiment: experiments ending in the same model share the evaluation.
+        """
+        bench = self.config.benchmarks[benchmark]
+        inputs = [self.model(experiment).name, self.vq().name, *(self.tokenized(p.dataset).name for p in bench.parts)]
+        return self.root / "evaluate" / f"{benchmark}-{stable_hash(self.config.evaluate, bench, inputs)}"
+
+    def report(self) -> Path:
+        """Tables, figures and sample grids of every experiment: one report per results root, rebuilt in place."""
+        return self.root / "report"
+
 
 # ------------------------------------------------------------------------------------------- manifests
 

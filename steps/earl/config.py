@@ -226,6 +226,8 @@ class Reward(Section):
     max_attempts: int = Field(5, ge=1, description="tries per question before the sample counts as failed")
     backoff_s: float = Field(0.1, ge=0, description="first retry delay, doubled each try")
     deadline_s: float = Field(1800.0, gt=0, description="all judging of one batch")
+    api_key_env: str = Field("EARL_JUDGE_API_KEY", description="environment variable holding the key (never in config)")
+    cache: bool = Field(True, description="keep answers on disk (results/cache/judge), keyed by model, prompt and images")
 
 
 class GRPO(Section):
@@ -272,9 +274,33 @@ class Evaluate(Section):
     top_k: int = 2048
     top_p: float = 1.0
     max_tokens: int = 3000
-    image_area: int = 65536
+    samples_per_prompt: int = Field(1, ge=1, description="edits per benchmark row (paper: 1; more narrows the CI)")
+    batch_size: int = Field(64, ge=1, description="sequences the built-in engine decodes together")
+    engine: Literal["hf", "vllm"] = "hf"
+    gpus: int = Field(0, ge=0, description="GPUs one evaluate job asks the scheduler for")
+    threads: int = Field(1, ge=1, description="CPU threads of one evaluate job")
+    bootstrap_resamples: int = Field(2000, ge=100, description="resamples of the 95 % percentile bootstrap CIs")
     judge: Reward
     seed: int = 42
+
+
+class BenchmarkPart(Section):
+    """Rows of one tokenized dataset split that belong to a benchmark."""
+
+    dataset: str
+    split: str
+    task: str | None = Field(None, description="task label of every row of this part (VisMin: counting, relation)")
+
+
+class Benchmark(Section):
+    """A registry entry (spec §D.1): data, not code. Which rows, how they are sampled, and where the paper reports it."""
+
+    parts: list[BenchmarkPart] = Field(min_length=1)
+    task_column: str | None = Field(None, description="kept column naming each row's task; null: the part's task")
+    sample: int | None = Field(None, ge=1, description="shuffle(seed).select(range(n)) over the rows (paper: EmuEdit, I2EBench 1,000); null: all")
+    sample_seed: int = 42
+    family: Literal["simple", "complex"] = Field(description="† simple or ‡ complex edits (Table 2)")
+    paper_column: str | None = Field(None, description="column of the paper's tables (config/reference) shown beside ours")
 
 
 class Stage(Section):
@@ -300,7 +326,8 @@ class Experiment(Section):
 
     sft: list[Stage] = Field(min_length=1, description="two entries = two-stage SFT (S, then C)")
     rl: Stage | None = None
-    benchmarks: list[str] = []
+    benchmarks: list[str] | None = Field(None, description="benchmarks to evaluate; null: every configured benchmark")
+    label: str | None = Field(None, description="row name in tables, e.g. 'SFT (S) → RL (S+C)'; default: the key")
 
 
 class Config(Section):
@@ -312,6 +339,7 @@ class Config(Section):
     sft: SFT
     rl: GRPO
     evaluate: Evaluate
+    benchmarks: dict[Annotated[str, Field(pattern=NAME)], Benchmark] = {}
     experiments: dict[Annotated[str, Field(pattern=NAME)], Experiment] = {}
 
     @model_validator(mode="after")
@@ -325,7 +353,23 @@ class Config(Section):
                 for name in stage.datasets:
                     if name not in self.datasets:
                         raise ValueError(f"experiments.{exp_name} names unknown dataset {name!r}")
+            for name in experiment.benchmarks or []:
+                if name not in self.benchmarks:
+                    raise ValueError(f"experiments.{exp_name}.benchmarks names unknown benchmark {name!r}")
+        for bench_name, benchmark in self.benchmarks.items():
+            for part in benchmark.parts:
+                if part.dataset not in self.datasets:
+                    raise ValueError(f"benchmarks.{bench_name} names unknown dataset {part.dataset!r}")
+                if part.split not in self.datasets[part.dataset].splits:
+                    raise ValueError(f"benchmarks.{bench_name}: split {part.split!r} of {part.dataset!r} is not tokenized (datasets.{part.dataset}.splits)")
+            if benchmark.task_column and any(benchmark.task_column not in self.datasets[p.dataset].columns.keep for p in benchmark.parts):
+                raise ValueError(f"benchmarks.{bench_name}.task_column {benchmark.task_column!r} must be in each dataset's columns.keep")
         return self
+
+    def benchmarks_of(self, experiment: str) -> list[str]:
+        """The benchmarks an experiment is evaluated on (all configured ones unless it names some)."""
+        named = self.experiments[experiment].benchmarks
+        return list(self.benchmarks) if named is None else named
 
 
 # ------------------------------------------------------------------------------------------------ loading

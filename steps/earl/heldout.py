@@ -32,6 +32,11 @@ class Sample:
     pq: float
     overall: float
     failed: bool  # the judge gave no usable answer (excluded from the means)
+    # VIEScore's four answers (Table 7); None for the verifier, which measures SC and PQ directly
+    edit_success: float | None = None
+    overedit: float | None = None
+    looks_natural: float | None = None
+    no_artifact: float | None = None
 
 
 def grids_of(layout: Layout, rollouts: Rollouts, shapes: list[tuple[int, int]]) -> list[np.ndarray | None]:
@@ -56,7 +61,8 @@ def decode_all(vq, grids: list[np.ndarray | None], batch_size: int = 64) -> list
 
 def score_rows(rows: list[dict], images: list[Image.Image | None], scores: list[Score]) -> list[Sample]:
     return [
-        Sample(str(row["id"]), str(row.get("edit_type", "all")), image is not None, s.sc, s.pq, s.overall, s.failed)
+        Sample(str(row["id"]), str(row.get("edit_type", "all")), image is not None, s.sc, s.pq, s.overall, s.failed,
+               *(s.subscores or (None,) * 4))
         for row, image, s in zip(rows, images, scores)
     ]
 

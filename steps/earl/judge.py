@@ -11,6 +11,7 @@ judging finally fails is reported as failed, never given an invented score.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 from PIL import Image
@@ -105,14 +107,51 @@ def data_url(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def base_url_of(configured: str | None) -> str:
+def base_url_of(configured: str | None, key: str = "rl.reward") -> str:
     """The endpoint from config or ``EARL_JUDGE_BASE_URL``; it must end in ``/v1`` (checked at start-up)."""
     url = configured or os.environ.get("EARL_JUDGE_BASE_URL")
     if not url:
-        raise ConfigError("rl.reward.base_url: not set and EARL_JUDGE_BASE_URL is empty")
+        raise ConfigError(f"{key}.base_url: not set and EARL_JUDGE_BASE_URL is empty")
     if not url.rstrip("/").endswith("/v1"):
-        raise ConfigError(f"rl.reward.base_url: {url!r} must end in /v1 (e.g. http://judge-host:8000/v1)")
+        raise ConfigError(f"{key}.base_url: {url!r} must end in /v1 (e.g. http://judge-host:8000/v1)")
     return url.rstrip("/")
+
+
+class AnswerCache:
+    """Parsed judge answers on disk, one small JSON file per question, so a rerun never pays twice.
+
+    The key is a hash of the judge model, the prompt text and the exact image bytes sent. One file per key
+    (written to a temporary name and renamed) is safe for many concurrent jobs on a shared file system, where
+    a single SQLite or lock file is not. Only usable answers are stored: a failure is asked again next time.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.hits = 0
+
+    @staticmethod
+    def key(model: str | None, text: str, urls: list[str]) -> str:
+        digest = hashlib.sha256(json.dumps([model, text]).encode())
+        for url in urls:
+            digest.update(hashlib.sha256(url.encode()).digest())
+        return digest.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> list[float] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        self.hits += 1
+        return json.loads(path.read_text())["score"]
+
+    def put(self, key: str, scores: list[float], reply: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps({"score": scores, "reply": reply}))
+        os.replace(tmp, path)
 
 
 class VIEScoreJudge:
@@ -120,24 +159,36 @@ class VIEScoreJudge:
 
     needs_source_image = True  # the SC question shows the source beside the edit
 
-    def __init__(self, spec):
+    def __init__(self, spec, cache: AnswerCache | None = None, key: str = "rl.reward"):
         self.spec = spec
         # the key only from the environment, never from config or any file
-        self.client = openai.OpenAI(base_url=base_url_of(spec.base_url), api_key=os.environ.get("EARL_JUDGE_API_KEY", "NONE"),
+        self.client = openai.OpenAI(base_url=base_url_of(spec.base_url, key), api_key=os.environ.get(spec.api_key_env, "NONE"),
                                     timeout=spec.timeout_s, max_retries=0)
+        self.cache = cache if spec.cache else None
         self.faults = 0  # failed requests (timeouts, HTTP errors, unparseable replies), retried or not
+        self.requests = 0  # requests sent (cache hits send none)
         self._lock = threading.Lock()
 
     def _ask(self, text: str, images: list[Image.Image], deadline: float) -> list[float] | None:
-        content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+        urls = [data_url(i) for i in images]
+        key = AnswerCache.key(self.spec.model, text, urls) if self.cache else None
+        if self.cache and (cached := self.cache.get(key)) is not None:
+            return cached
+        content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]
         for attempt in range(self.spec.max_attempts):
             if time.monotonic() > deadline:
                 return None
             try:
+                with self._lock:
+                    self.requests += 1
                 reply = self.client.chat.completions.create(
                     model=self.spec.model, messages=[{"role": "user", "content": content}], max_tokens=self.spec.max_tokens,
                 )
-                return parse_scores(reply.choices[0].message.content or "")
+                answer = reply.choices[0].message.content or ""
+                scores = parse_scores(answer)
+                if self.cache:
+                    self.cache.put(key, scores, answer)
+                return scores
             except (openai.APIError, JudgeReplyError):
                 with self._lock:
                     self.faults += 1
@@ -151,7 +202,7 @@ class VIEScoreJudge:
         pq = self._ask(pq_prompt(), [edited], deadline) if sc is not None else None
         if sc is None or pq is None:
             return Score(0.0, 0.0, failed=True)
-        return Score(min(sc), min(pq))
+        return Score(min(sc), min(pq), subscores=(*sc, *pq))
 
     def score_many(self, edited: list[Image.Image | None], rows: list[dict], sources: list[Image.Image]) -> list[Score]:
         deadline = time.monotonic() + self.spec.deadline_s

@@ -23,6 +23,7 @@ class Score:
     sc: float  # min of the semantic-consistency scores, 0-10
     pq: float  # min of the perceptual-quality scores, 0-10
     failed: bool = False  # the judge gave no usable answer: the sample is excluded, never guessed
+    subscores: tuple[float, ...] = ()  # VIEScore's (edit success, over-editing, naturalness, artifacts) when asked
 
     @property
     def overall(self) -> float:

@@ -40,7 +40,7 @@ def load_split(config: Config, name: str, split: str) -> datasets.Dataset:
     elif Path(source.path).is_dir():
         data = datasets.load_dataset("parquet", data_files=split_files(Path(source.path), split, source.data_files), split="train")
     else:  # a Hugging Face dataset id: the same loader the original used, pinned by revision
-        files = [p.format(split=split) for p in source.data_files] if source.data_files else None
+        files = {split: [p.format(split=split) for p in source.data_files]} if source.data_files else None
         data = datasets.load_dataset(source.path, revision=source.revision, data_files=files, split=split)
     columns = dataset.columns
     wanted = {

@@ -68,6 +68,12 @@ RL_RUNS = {
     for name, experiment in CFG.experiments.items()
     if experiment.rl is not None
 }
+# Versioned evaluation name -> an (experiment, benchmark) that defines it.
+EVAL_RUNS = {
+    PATHS.evaluate(name, bench).name: (name, bench)
+    for name in CFG.experiments
+    for bench in CFG.benchmarks_of(name)
+}
 
 
 def generated(names):
@@ -80,4 +86,5 @@ def all_targets():
         + [str(PATHS.text_tokenizer())]
         + [str(PATHS.sft(name)) for name in CFG.experiments]
         + [str(PATHS.rl(name)) for name in RL_RUNS.values()]
+        + ([str(PATHS.report())] if EVAL_RUNS else [])
     )

@@ -1,0 +1,36 @@
+# Evaluation: one job per (final model, benchmark). Experiments that end in the same model share the job.
+
+
+def evaluate_inputs(wildcards):
+    experiment, benchmark = EVAL_RUNS[wildcards.run]
+    return {
+        "model": str(PATHS.model(experiment)),
+        "tokenized": sorted(
+            {str(PATHS.tokenized(p.dataset)) for p in CFG.benchmarks[benchmark].parts}
+        ),
+        "tokenizer": str(PATHS.text_tokenizer()),
+        "vq": str(PATHS.vq()),
+    }
+
+
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        directory(f"{RESULTS}/evaluate/{{run}}"),
+    log:
+        f"{LOGS}/evaluate/{{run}}.log",
+    conda:
+        conda_env("evaluate")
+    container:
+        container_image("evaluate")
+    threads: CFG.evaluate.threads
+    resources:
+        gpu=CFG.evaluate.gpus,
+    params:
+        config=STEP_ARGS,
+        experiment=lambda w: EVAL_RUNS[w.run][0],
+        benchmark=lambda w: EVAL_RUNS[w.run][1],
+    shell:
+        "OMP_NUM_THREADS={threads} python -m earl.evaluate {params.config}"
+        " --experiment {params.experiment} --benchmark {params.benchmark} --out {output} > {log} 2>&1"
