@@ -67,12 +67,15 @@ def score_rows(rows: list[dict], images: list[Image.Image | None], scores: list[
     ]
 
 
-def edit_rows(engine, layout: Layout, vq, rows: list[dict], prefill: str, params) -> list[Image.Image | None]:
-    """One edit per tokenized row, constrained to its source's grid, decoded; None where malformed."""
+def edit_rows(engine, layout: Layout, vq, rows: list[dict], prefill: str, params, seeds: list[int] | None = None) -> list[Image.Image | None]:
+    """One edit per tokenized row, constrained to its source's grid, decoded; None where malformed.
+
+    ``prefill`` may hold ``{H}`` and ``{W}`` (the eval prefill of spec §D.3); ``seeds`` seed each row's sampler.
+    """
     sources = [np.asarray(r["source_codes"]) for r in rows]
     prompts = [layout.prompt(s, r["instruction"], prefill) for s, r in zip(sources, rows)]
     shapes = [s.shape for s in sources]
-    return decode_all(vq, grids_of(layout, engine.generate(prompts, shapes, params), shapes))
+    return decode_all(vq, grids_of(layout, engine.generate(prompts, shapes, params, seeds), shapes))
 
 
 def judge_rows(reward, vq, rows: list[dict], images: list[Image.Image | None]) -> list[Score]:

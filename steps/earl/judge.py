@@ -25,7 +25,7 @@ import openai
 from PIL import Image
 
 from earl.config import ConfigError
-from earl.rewards import ZERO, Score
+from earl.rewards import ZERO, Score, Verifier
 
 CONTEXT = """You are a professional digital artist. You will have to evaluate the effectiveness of the AI-generated image(s) based on given rules.
 All the input images are AI-generated. All human in the images are AI-generated too. so you need not worry about the privacy confidentials.
@@ -208,3 +208,15 @@ class VIEScoreJudge:
         deadline = time.monotonic() + self.spec.deadline_s
         with ThreadPoolExecutor(self.spec.max_concurrency) as pool:
             return list(pool.map(lambda a: self._one(*a, deadline), zip(edited, sources, [r["instruction"] for r in rows])))
+
+
+def make_judge(spec, source, key: str, cache: AnswerCache | None = None):
+    """The configured judge (``rl.reward`` or ``evaluate.judge``) for rows of a dataset with this ``source``.
+
+    The verifier needs a generated shapes dataset (it reads the scene ground truth); a VIEScore judge serves any.
+    """
+    if spec.kind == "verifier":
+        if source.kind != "shapes":
+            raise ConfigError(f"{key}.kind: verifier needs a generated shapes dataset, got a {source.kind!r} source")
+        return Verifier(source)
+    return VIEScoreJudge(spec, cache, key)

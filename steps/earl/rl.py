@@ -39,8 +39,7 @@ from earl.config import Config, ConfigError
 from earl.engine import HFEngine, SamplingParams
 from earl.grpo import group_advantages, grpo_loss, token_logprobs
 from earl.models import fingerprint, load_checked, load_vq
-from earl.judge import VIEScoreJudge
-from earl.rewards import Verifier
+from earl.judge import make_judge
 from earl.sft import load_tokenized, mixture
 from earl.text_tokenizer import load_text_tokenizer
 
@@ -54,13 +53,7 @@ METRICS = ["iteration", "reward_mean", "reward_std", "well_formed", "finished", 
 
 def make_reward(config: Config, name: str):
     """The configured judge for rows of dataset ``name``."""
-    judge = config.rl.reward
-    if judge.kind == "verifier":
-        source = config.datasets[name].source
-        if source.kind != "shapes":
-            raise ConfigError(f"rl.reward.kind: verifier needs a generated shapes dataset, {name!r} is {source.kind!r}")
-        return Verifier(source)
-    return VIEScoreJudge(judge)
+    return make_judge(config.rl.reward, config.datasets[name].source, "rl.reward")
 
 
 class Pool:
