@@ -56,6 +56,7 @@ def benchmark_rows(config: Config, benchmark: str) -> datasets.Dataset:
     for index, part in enumerate(spec.parts):
         rows = load_tokenized(config, part.dataset, part.split)
         tasks = rows[spec.task_column] if spec.task_column else [part.task or "all"] * len(rows)
+        rows = rows.remove_columns([c for c in ("task", "part") if c in rows.column_names])  # a kept `task` is replaced
         parts.append(rows.add_column("task", [str(t) for t in tasks]).add_column("part", [index] * len(rows)))
     common = sorted(set.intersection(*(set(p.column_names) for p in parts)))  # parts may keep different columns
     rows = datasets.concatenate_datasets([p.select_columns(common) for p in parts])
