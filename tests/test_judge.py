@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-
 import pytest
 from PIL import Image
 
-from earl.config import ConfigError
+from earl.config import ConfigError, Reward
 from earl.judge import JudgeReplyError, VIEScoreJudge, base_url_of, parse_scores
 
 
 def spec(url: str, **overrides):
     values = dict(kind="viescore", model="judge", base_url=url, max_concurrency=8, max_tokens=100, timeout_s=2.0,
                   max_attempts=5, backoff_s=0.01, deadline_s=60.0)
-    return SimpleNamespace(**{**values, **overrides})
+    return Reward(**{**values, **overrides})
 
 
 def images(n: int) -> list[Image.Image]:
