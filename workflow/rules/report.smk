@@ -1,12 +1,34 @@
 # The report: the paper's tables and figures rebuilt from every evaluation, training curves and sample grids.
+# `snakemake --report report.html` catalogues its figures and tables (captions: workflow/report/).
+
+
+def report_inputs(wildcards=None):
+    """Every directory earl.report reads: evaluations, each SFT stage (curves.csv), each RL run (metrics.csv)."""
+    experiments = {e for e, _ in EVAL_RUNS.values()}
+    return {
+        "evaluations": [str(PATHS.evaluate(e, b)) for e, b in EVAL_RUNS.values()],
+        "sft": sorted(
+            {
+                str(PATHS.sft(e, stage))
+                for e in experiments
+                for stage in range(len(CFG.experiments[e].sft))
+            }
+        ),
+        "rl": sorted({str(PATHS.rl(e)) for e in experiments if CFG.experiments[e].rl}),
+    }
 
 
 rule report:
     input:
-        evaluations=[str(PATHS.evaluate(e, b)) for e, b in EVAL_RUNS.values()],
-        models=sorted({str(PATHS.model(e)) for e, _ in EVAL_RUNS.values()}),
+        unpack(report_inputs),
     output:
-        directory(str(PATHS.report())),
+        report(
+            directory(str(PATHS.report())),
+            patterns=["{name}.png", "{name}.html"],
+            caption="../report/report.rst",
+            category="Report",
+            labels={"file": "{name}"},
+        ),
     log:
         f"{LOGS}/report.log",
     conda:
