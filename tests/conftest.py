@@ -3,21 +3,19 @@ chat-completions judge on 127.0.0.1 (nothing is downloaded in tests)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 
 import pytest
 import yaml
 from tokenizers import Tokenizer, models
 
+import fake_judge
 from earl import artifacts, text_tokenizer
 from earl.config import from_dict
 
@@ -128,53 +126,9 @@ def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: flo
     process.wait()
 
 
-class FakeJudge(BaseHTTPRequestHandler):
-    """Scores [8, 6] for SC questions and [9, 7] for PQ ones; a seeded 30 % of requests get a fault."""
-
-    faults = ("timeout", "http500", "prose", "one_score")
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        server = self.server
-        with server.lock:
-            server.requests += 1
-            draw = server.rng.random()
-            fault = self.faults[server.rng.integers(4)] if draw < server.fault_rate else None
-            if fault:
-                server.fault_counts[fault] += 1
-        content = body["messages"][0]["content"]
-        images = sum(1 for part in content if part["type"] == "image_url")
-        if fault == "timeout":
-            time.sleep(4.0)
-        if fault == "http500":
-            self.send_response(500)
-            self.end_headers()
-            return
-        scores = [8, 6] if images == 2 else [9, 7]
-        text = {"prose": "The edit looks good to me.", "one_score": json.dumps({"score": [8]})}.get(
-            fault, json.dumps({"score": scores, "reasoning": "ok"})
-        )
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
-        data = json.dumps(reply).encode()
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow answer
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    httpd.lock, httpd.requests, httpd.rng = threading.Lock(), 0, np.random.default_rng(0)
-    httpd.fault_rate, httpd.fault_counts = 0.3, {f: 0 for f in FakeJudge.faults}
+    httpd = fake_judge.make_server(0, fault_rate=0.3)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd

@@ -4,16 +4,16 @@ chunked resume after kill -9, the VIEScore judge over HTTP with its answer cache
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from PIL import Image
 from transformers import Emu3ForCausalLM
 
-from conftest import kill_step_when, step, write_config
+from conftest import REPO, kill_step_when, step, write_config
 from earl import artifacts, heldout, layout as layout_mod
 from earl.config import from_dict
 from earl.engine import HFEngine, SamplingParams
@@ -68,8 +68,11 @@ def test_evaluate_writes_samples_images_and_metrics_that_agree(sft_model):
         assert metrics["by_task"][task]["sc"]["mean"] == pytest.approx(group["sc"].mean())
     assert "edit_success" not in metrics  # the verifier has no VIEScore sub-scores
     # two experiments ending in the same model share one evaluation (versioned by the model, not the name)
-    config = from_dict(yaml.safe_load(open(file)))
-    assert paths.evaluate("sft_s", "shapes_s") != paths.evaluate("sft_s__rl_sc", "shapes_s")
+    data = yaml.safe_load(open(file))
+    data["experiments"]["sft_s_again"] = {"label": "the same SFT, named twice", "sft": data["experiments"]["sft_s"]["sft"]}
+    twice = artifacts.Paths(from_dict(data))
+    assert twice.evaluate("sft_s_again", "shapes_s") == twice.evaluate("sft_s", "shapes_s") == out
+    assert twice.evaluate("sft_s__rl_sc", "shapes_s") != out
 
 
 def test_evaluate_edits_are_the_rollout_engines(sft_model):
@@ -149,3 +152,27 @@ def test_evaluate_refuses_an_unknown_benchmark_and_unimplemented_engine(sft_mode
     file, _, _ = eval_config(root, config_file, "eval-vllm", engine="vllm")
     result = evaluate(file, root / "y")
     assert result.returncode == 1 and "evaluate.engine: 'vllm' is not implemented" in result.stderr
+
+
+def test_evaluate_starts_and_stops_its_own_judge_server(sft_model):
+    """`evaluate.judge.serve`: the step runs the judge server for its lifetime (here the fake judge as a command)."""
+    import psutil
+
+    root, config_file = sft_model
+    command = f"{sys.executable} {REPO / 'tests' / 'fake_judge.py'} --port {{port}}"
+    judge = {"kind": "viescore", "model": "judge-test", "serve": {"command": command, "ready_timeout_s": 60}, "cache": False}
+    file, paths, _ = eval_config(root, config_file, "eval-serve", judge=judge)
+    out = paths.evaluate("sft_s", "shapes_s")
+    result = evaluate(file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = artifacts.read_manifest(out)
+    edits = json.loads((out / "metrics.json").read_text())["n"]
+    assert manifest["judge_requests"] == 2 * edits and manifest["judge_failures"] == 0  # SC and PQ of every edit
+    assert (out / "judge_server.log").is_file()  # the server's log is kept with the output
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "fake_judge.py" in " ".join(p.info["cmdline"] or [])]
+    # a server that dies before answering is one line naming its log
+    judge["serve"]["command"] = "echo no GPU here; exit 3"
+    file, paths, _ = eval_config(root, config_file, "eval-serve-dead", judge=judge)
+    result = evaluate(file, paths.evaluate("sft_s", "shapes_s"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: evaluate.judge.serve: the judge server exited with status 3 (log: ")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import kill_step_when, step, write_config
+from conftest import REPO, kill_step_when, step, write_config
 from earl import artifacts
 from earl.config import from_dict
 from test_sft import sft_config
@@ -114,6 +115,22 @@ def test_rl_with_a_viescore_judge_over_http(sft_done, server):
     rows = metrics(out)
     assert len(rows) == 2 and all(float(r["reward_mean"]) > 0 for r in rows)
     assert server.requests > 2 * 8 * 2  # SC + PQ for every sample of both iterations, plus retries and held-out
+
+
+def test_rl_serves_its_own_judge_for_the_whole_run(sft_done):
+    """`rl.reward.serve`: the launcher starts the judge before torchrun's workers and stops it after them."""
+    import psutil
+
+    root, config_file = sft_done
+    command = f"{sys.executable} {REPO / 'tests' / 'fake_judge.py'} --port {{port}}"
+    judge = {"kind": "viescore", "model": "judge", "serve": {"command": command, "ready_timeout_s": 60}, "cache": False}
+    rl_file, _ = rl_config(root, config_file, "rl-serve", num_iterations=2, eval_every=None, reward=judge)
+    out = root / "rl-serve-out"
+    result = rl(rl_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [float(r["reward_mean"]) for r in metrics(out)] == [pytest.approx(6 ** 0.5 * 7 ** 0.5)] * 2  # sqrt(6·7)
+    assert (out / "judge_server.log").is_file()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "fake_judge.py" in " ".join(p.info["cmdline"] or [])]
 
 
 def test_judge_url_without_v1_stops_rl_before_training(sft_done):

@@ -8,6 +8,7 @@ into one line on stderr and exit status 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -57,22 +58,27 @@ def run_step(parser: argparse.ArgumentParser, build: Callable[..., Any], argv: l
 
 
 def run_distributed(parser: argparse.ArgumentParser, module: str, check: Callable[..., int], train: Callable[..., None],
-                    argv: list[str] | None, **extra) -> None:
+                    argv: list[str] | None, around: Callable[[Config, Path], contextlib.AbstractContextManager] | None = None,
+                    **extra) -> None:
     """A training step's CLI: in the calling process, ``check`` the config and inputs (one-line errors before
     anything starts) and start its returned number of torchrun workers on this node, each running ``module``
-    again; inside a worker (``LOCAL_RANK`` set), run ``train``."""
+    again, inside ``around(config, out)`` (e.g. a judge server the step runs itself); inside a worker
+    (``LOCAL_RANK`` set), run ``train``."""
     argv = sys.argv[1:] if argv is None else argv
     if "LOCAL_RANK" in os.environ:
         run_step(parser, train, argv, **extra)
         return
     try:
-        nproc = run_step(parser, check, argv, **extra)
+        nproc, config, out = run_step(parser, lambda c, o, **kw: (check(c, o, **kw), c, o), argv, **extra)
     except FileNotFoundError as error:  # an input without its manifest: not built, or not finished
         sys.exit(f"error: {error}")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun  # imported here: the other steps need no torch.distributed
 
     try:
-        torchrun([f"--nproc_per_node={nproc}", "--standalone", "-m", module, *argv])
+        with around(config, out) if around else contextlib.nullcontext():
+            torchrun([f"--nproc_per_node={nproc}", "--standalone", "-m", module, *argv])
     except ChildFailedError:
         sys.exit(1)  # the worker has printed its own one-line error (or traceback) above
+    except ConfigError as error:
+        sys.exit(f"error: {error}")

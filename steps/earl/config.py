@@ -214,12 +214,21 @@ class SFT(Section):
     seed: int = 42
 
 
+class JudgeServer(Section):
+    """A judge server the step starts itself for its lifetime (e.g. ``vllm serve``), instead of a given URL."""
+
+    command: str = Field(description="shell command; {port} becomes a free port, e.g. 'vllm serve Qwen/Qwen2.5-VL-72B-Instruct --port {port} -tp 4'")
+    gpus: int = Field(0, ge=0, description="GPUs of the job given to the server (the last ones); the step keeps the rest")
+    ready_timeout_s: float = Field(1800.0, gt=0, description="how long to wait for GET /v1/models to answer")
+
+
 class Reward(Section):
     """Verifier (exact ground truth) or VIEScore judge behind an OpenAI-compatible endpoint (spec §C.6)."""
 
     kind: Literal["verifier", "viescore"]
     model: str | None = Field(None, description="judge model name, e.g. Qwen/Qwen2.5-VL-72B-Instruct")
-    base_url: str | None = Field(None, description="must end in /v1; null: read EARL_JUDGE_BASE_URL")
+    base_url: str | None = Field(None, description="must end in /v1; null: read EARL_JUDGE_BASE_URL (or serve)")
+    serve: JudgeServer | None = Field(None, description="start the judge server in the step's job; excludes base_url")
     max_concurrency: int = Field(64, ge=1, description="requests in flight per rank")
     max_tokens: int = 1400
     timeout_s: float = Field(120.0, gt=0, description="one request")
@@ -228,6 +237,12 @@ class Reward(Section):
     deadline_s: float = Field(1800.0, gt=0, description="all judging of one batch")
     api_key_env: str = Field("EARL_JUDGE_API_KEY", description="environment variable holding the key (never in config)")
     cache: bool = Field(True, description="keep answers on disk (results/cache/judge), keyed by model, prompt and images")
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> Reward:
+        if self.serve is not None and self.base_url is not None:
+            raise ValueError("give base_url or serve, not both")
+        return self
 
 
 class GRPO(Section):

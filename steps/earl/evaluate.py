@@ -40,7 +40,7 @@ from earl import artifacts, heldout, layout as layout_mod
 from earl.cli_util import run_step
 from earl.config import Config, ConfigError
 from earl.engine import HFEngine, SamplingParams
-from earl.judge import AnswerCache, make_judge
+from earl.judge import AnswerCache, check_judge, make_judge, served
 from earl.models import load_checked, load_vq
 from earl.sft import load_tokenized
 from earl.stats import mean_ci
@@ -144,11 +144,11 @@ def build(config: Config, out: Path, experiment: str, benchmark: str) -> None:
     vq = load_vq(paths.vq()).to(device)
     bench = config.benchmarks[benchmark]
     cache = AnswerCache(Path(config.results) / "cache" / "judge")
-    judges = {i: make_judge(spec.judge, config.datasets[p.dataset].source, "evaluate.judge", cache) for i, p in enumerate(bench.parts)}
     rows = benchmark_rows(config, benchmark)
     engine = HFEngine(model, layout, spec.batch_size)
     per_chunk = max(1, spec.batch_size // spec.samples_per_prompt)
-    with artifacts.artifact_dir(out) as work:
+    with artifacts.artifact_dir(out) as work, served(spec.judge, work / "judge_server.log", "evaluate.judge"):
+        judges = {i: make_judge(spec.judge, config.datasets[p.dataset].source, "evaluate.judge", cache) for i, p in enumerate(bench.parts)}
         for sub in ("images", "sources", "targets", "chunks"):
             (work / sub).mkdir(exist_ok=True)
         starts = range(0, len(rows), per_chunk)
@@ -187,8 +187,7 @@ def check(config: Config, out: Path, experiment: str, benchmark: str) -> None:
         raise ConfigError(f"--benchmark {benchmark!r} is not a benchmark of experiment {experiment!r} ({config.benchmarks_of(experiment)})")
     if config.evaluate.engine != "hf":
         raise ConfigError(f"evaluate.engine: {config.evaluate.engine!r} is not implemented yet; the built-in engine is 'hf'")
-    for part in config.benchmarks[benchmark].parts:
-        make_judge(config.evaluate.judge, config.datasets[part.dataset].source, "evaluate.judge")
+    check_judge(config.evaluate.judge, [config.datasets[p.dataset].source for p in config.benchmarks[benchmark].parts], "evaluate.judge")
     paths = artifacts.Paths(config)
     needed = [paths.model(experiment), paths.vq(), paths.text_tokenizer(), *(paths.tokenized(p.dataset) for p in config.benchmarks[benchmark].parts)]
     for directory in needed:

@@ -11,17 +11,24 @@ judging finally fails is reported as failed, never given an invented score.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
+import torch
 from PIL import Image
 
 from earl.config import ConfigError
@@ -108,13 +115,77 @@ def data_url(image: Image.Image) -> str:
 
 
 def base_url_of(configured: str | None, key: str = "rl.reward") -> str:
-    """The endpoint from config or ``EARL_JUDGE_BASE_URL``; it must end in ``/v1`` (checked at start-up)."""
+    """The endpoint from config or ``EARL_JUDGE_BASE_URL`` (which :func:`served` sets); it must end in ``/v1``."""
     url = configured or os.environ.get("EARL_JUDGE_BASE_URL")
     if not url:
         raise ConfigError(f"{key}.base_url: not set and EARL_JUDGE_BASE_URL is empty")
     if not url.rstrip("/").endswith("/v1"):
         raise ConfigError(f"{key}.base_url: {url!r} must end in /v1 (e.g. http://judge-host:8000/v1)")
     return url.rstrip("/")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(spec, log: Path, key: str) -> Iterator[None]:
+    """Run the judge server of ``spec.serve`` (if any) for the duration of the block.
+
+    The server gets a free port, the last ``serve.gpus`` of the job's GPUs and its own process group; the block
+    sees its URL in ``EARL_JUDGE_BASE_URL`` and the remaining GPUs in ``CUDA_VISIBLE_DEVICES`` (inherited by
+    torchrun's workers). It is stopped (SIGTERM, then SIGKILL) however the block ends. A server that exits or
+    does not answer ``GET /v1/models`` in time is a one-line error pointing at its log.
+    """
+    server = getattr(spec, "serve", None)
+    if server is None:
+        yield
+        return
+    port = free_port()
+    env = dict(os.environ)
+    if server.gpus:
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+        if len(devices) <= server.gpus:
+            raise ConfigError(f"{key}.serve.gpus: {server.gpus} of the job's {len(devices)} GPU(s) leaves none for the step")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices[-server.gpus:])
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[: -server.gpus])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(server.command.format(port=port), shell=True, stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + server.ready_timeout_s
+        while not _answers(url):
+            if process.poll() is not None:
+                raise ConfigError(f"{key}.serve: the judge server exited with status {process.returncode} (log: {log})")
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{key}.serve: no answer from {url}/models within {server.ready_timeout_s:.0f} s (log: {log})")
+            time.sleep(0.5)
+        os.environ["EARL_JUDGE_BASE_URL"] = url
+        yield
+    finally:
+        _stop(process)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/models", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait)
 
 
 class AnswerCache:
@@ -220,3 +291,13 @@ def make_judge(spec, source, key: str, cache: AnswerCache | None = None):
             raise ConfigError(f"{key}.kind: verifier needs a generated shapes dataset, got a {source.kind!r} source")
         return Verifier(source)
     return VIEScoreJudge(spec, cache, key)
+
+
+def check_judge(spec, sources, key: str) -> None:
+    """Start-up check of a judge for rows of these dataset sources: one line for a wrong kind or URL.
+
+    A judge the step serves itself has no URL yet; :func:`served` checks that it answers.
+    """
+    for source in sources:
+        if spec.kind == "verifier" or spec.serve is None:
+            make_judge(spec, source, key)

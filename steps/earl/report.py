@@ -22,7 +22,6 @@ software versions, so re-drawing the same data gives the same PNG bytes on the s
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import shutil

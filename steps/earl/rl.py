@@ -39,7 +39,7 @@ from earl.config import Config, ConfigError
 from earl.engine import HFEngine, SamplingParams
 from earl.grpo import group_advantages, grpo_loss, token_logprobs
 from earl.models import fingerprint, load_checked, load_vq
-from earl.judge import make_judge
+from earl.judge import check_judge, make_judge, served
 from earl.sft import load_tokenized, mixture
 from earl.text_tokenizer import load_text_tokenizer
 
@@ -332,8 +332,7 @@ def check(config: Config, out: Path, experiment: str) -> int:
     stage = config.experiments[experiment].rl
     for directory in [paths.sft(experiment), *(paths.tokenized(n) for n in stage.datasets), paths.vq(), paths.text_tokenizer()]:
         artifacts.read_manifest(directory)
-    for name in stage.datasets:
-        make_reward(config, name)
+    check_judge(config.rl.reward, [config.datasets[n].source for n in stage.datasets], "rl.reward")
     if config.rl.engine != "hf":
         raise ConfigError(f"rl.engine: {config.rl.engine!r} is not implemented yet; the built-in engine is 'hf'")
     return config.rl.num_processes
@@ -342,7 +341,8 @@ def check(config: Config, out: Path, experiment: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m earl.rl", description=__doc__)
     parser.add_argument("--experiment", required=True, help="experiment name in config.experiments (with an rl stage)")
-    run_distributed(parser, "earl.rl", check, train, argv, experiment=None)
+    run_distributed(parser, "earl.rl", check, train, argv, experiment=None,
+                    around=lambda config, out: served(config.rl.reward, out.with_name(out.name + ".partial") / "judge_server.log", "rl.reward"))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ EVAL_RUNS = {
 }
 
 
+def judge_gpus(judge):
+    """GPUs of a judge server the step starts in its own job (reward/judge `serve`), on top of its own."""
+    return judge.serve.gpus if getattr(judge, "serve", None) else 0
+
+
 def generated(names):
     return [str(p) for p in PATHS.generated(names)]
 

@@ -26,7 +26,7 @@ rule evaluate:
         container_image("evaluate")
     threads: CFG.evaluate.threads
     resources:
-        gpu=CFG.evaluate.gpus,
+        gpu=CFG.evaluate.gpus + judge_gpus(CFG.evaluate.judge),
     params:
         config=STEP_ARGS,
         experiment=lambda w: EVAL_RUNS[w.run][0],

@@ -26,7 +26,7 @@ rule rl:
         container_image("vllm" if CFG.rl.engine == "vllm" else "rl")
     threads: CFG.rl.num_processes * CFG.rl.threads_per_process
     resources:
-        gpu=CFG.rl.gpus,
+        gpu=CFG.rl.gpus + judge_gpus(CFG.rl.reward),
     params:
         config=STEP_ARGS,
         experiment=lambda w: RL_RUNS[w.run],
