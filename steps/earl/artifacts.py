@@ -167,6 +167,22 @@ def read_manifest(directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def input_dirs(directory: Path) -> list[Path]:
+    """The input artifacts a manifest names, found where they were recorded (relative to the working directory
+    or absolute) or else beside ``directory`` in its results root (``<root>/<step>/<name>``), e.g. a results
+    tree copied or read from another checkout."""
+    directory = Path(directory)
+    found = []
+    for recorded in read_manifest(directory)["inputs"]:
+        path = Path(recorded)
+        candidates = [path, directory.parent.parent / path.parent.name / path.name]
+        hit = next((c for c in candidates if (c / MANIFEST).is_file()), None)
+        if hit is None:
+            raise FileNotFoundError(f"{directory}: input {recorded} not found (looked in {', '.join(map(str, candidates))})")
+        found.append(hit)
+    return found
+
+
 # --------------------------------------------------------------------------------------- atomic writes
 
 

@@ -39,17 +39,22 @@ class Sample:
     no_artifact: float | None = None
 
 
+def grid_or_reason(layout: Layout, rollouts: Rollouts, i: int, shape: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    """Completion ``i``'s code grid and None, or None and why it is not a well-formed image of ``shape``."""
+    try:
+        grid = layout.parse_grid(rollouts.completion(i))
+    except MalformedImage as error:
+        return None, str(error)
+    if grid.shape != tuple(shape):
+        return None, f"image grid {grid.shape[0]}x{grid.shape[1]}, expected {shape[0]}x{shape[1]}"
+    if not bool(rollouts.finished[i]):
+        return None, "no EOS after the image block"
+    return grid, None
+
+
 def grids_of(layout: Layout, rollouts: Rollouts, shapes: list[tuple[int, int]]) -> list[np.ndarray | None]:
     """The code grid of each completion, or None where it is malformed, unfinished or of the wrong size."""
-    grids = []
-    for i, shape in enumerate(shapes):
-        try:
-            grid = layout.parse_grid(rollouts.completion(i))
-        except MalformedImage:
-            grid = None
-        ok = grid is not None and bool(rollouts.finished[i]) and grid.shape == tuple(shape)
-        grids.append(grid if ok else None)
-    return grids
+    return [grid_or_reason(layout, rollouts, i, shape)[0] for i, shape in enumerate(shapes)]
 
 
 def decode_all(vq, grids: list[np.ndarray | None], batch_size: int = 64) -> list[Image.Image | None]:
@@ -67,15 +72,27 @@ def score_rows(rows: list[dict], images: list[Image.Image | None], scores: list[
     ]
 
 
-def edit_rows(engine, layout: Layout, vq, rows: list[dict], prefill: str, params, seeds: list[int] | None = None) -> list[Image.Image | None]:
-    """One edit per tokenized row, constrained to its source's grid, decoded; None where malformed.
+def edit_rows_explained(engine, layout: Layout, vq, rows: list[dict], prefill: str, params, seeds: list[int] | None = None
+                        ) -> tuple[list[Image.Image | None], list[str | None]]:
+    """One edit per row (``source_codes``, ``instruction``), constrained to its source's grid, decoded; None where
+    malformed, with the reason in the second list.
 
-    ``prefill`` may hold ``{H}`` and ``{W}`` (the eval prefill of spec §D.3); ``seeds`` seed each row's sampler.
+    ``prefill`` may hold ``{H}`` and ``{W}`` (the eval prefill of spec §D.3); ``seeds[i]`` seeds sequence ``i``
+    (default ``params.seed + i``).
     """
+    if not rows:
+        return [], []
     sources = [np.asarray(r["source_codes"]) for r in rows]
     prompts = [layout.prompt(s, r["instruction"], prefill) for s, r in zip(sources, rows)]
     shapes = [s.shape for s in sources]
-    return decode_all(vq, grids_of(layout, engine.generate(prompts, shapes, params, seeds), shapes))
+    rollouts = engine.generate(prompts, shapes, params, seeds)
+    grids, reasons = zip(*(grid_or_reason(layout, rollouts, i, shape) for i, shape in enumerate(shapes)))
+    return decode_all(vq, list(grids)), list(reasons)
+
+
+def edit_rows(engine, layout: Layout, vq, rows: list[dict], prefill: str, params, seeds: list[int] | None = None) -> list[Image.Image | None]:
+    """One edit per tokenized row, constrained to its source's grid, decoded; None where malformed."""
+    return edit_rows_explained(engine, layout, vq, rows, prefill, params, seeds)[0]
 
 
 def judge_rows(reward, vq, rows: list[dict], images: list[Image.Image | None]) -> list[Score]:

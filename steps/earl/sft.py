@@ -46,7 +46,7 @@ from earl import artifacts, heldout, layout as layout_mod
 from earl.cli_util import run_distributed
 from earl.config import SFT, Config, ConfigError, Stage
 from earl.engine import HFEngine, SamplingParams
-from earl.models import fingerprint, load_checked, load_vq
+from earl.models import WeightsMismatch, fingerprint, load_checked, load_lm, load_vq
 from earl.rewards import Verifier
 from earl.sources import DataError
 from earl.text_tokenizer import load_text_tokenizer
@@ -140,18 +140,11 @@ def start_model(config: Config, tokenizer, ids: layout_mod.SpecialIds, parent: P
     if parent is not None or spec.model is not None:
         source = parent or spec.model
         try:
-            model, info = load_checked(
-                Emu3ForCausalLM, source, None if parent else spec.revision,
-                attention_dropout=spec.dropout, output_loading_info=True,
-            )
+            return load_lm(source, None if parent else spec.revision, attention_dropout=spec.dropout)
         except OSError as error:
             raise ConfigError(f"sft.model: cannot load {source!r}: {str(error).splitlines()[0]}") from None
-        if info["missing_keys"]:
-            raise ConfigError(
-                f"sft.model: {source!r} is not an Emu3ForCausalLM checkpoint "
-                f"({len(info['missing_keys'])} weights missing, e.g. {info['missing_keys'][0]})"
-            )
-        return model
+        except WeightsMismatch as error:
+            raise ConfigError(f"sft.model: {error}") from None
     if spec.architecture is None:
         raise ConfigError("sft.architecture: required when sft.model is null")
     text_config = Emu3TextConfig(
