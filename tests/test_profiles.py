@@ -16,16 +16,18 @@ pytestmark = pytest.mark.slow
 PAPER = REPO / "config" / "paper.yaml"
 PAPER_CFG = yaml.safe_load(PAPER.read_text())
 # GPUs (resource `gpu`, which the slurm plugin turns into --gpus) and threads (--cpus-per-task) each job of a
-# GPU rule must ask for on the paper config; other rules ask for no GPU. Extend as rules land (evaluate).
+# GPU rule must ask for on the paper config; other rules ask for no GPU.
 GPUS = {
     "tokenize": PAPER_CFG["tokenize"]["workers"] if PAPER_CFG["tokenize"]["device"] == "cuda" else 0,
     "sft": PAPER_CFG["sft"].get("gpus", 0),
     "rl": PAPER_CFG["rl"].get("gpus", 0),
+    "evaluate": PAPER_CFG["evaluate"].get("gpus", 0),
 }
 THREADS = {
     "tokenize": PAPER_CFG["tokenize"]["workers"] * PAPER_CFG["tokenize"]["threads_per_worker"],
     "sft": PAPER_CFG["sft"].get("num_processes", 1) * PAPER_CFG["sft"].get("threads_per_process", 1),
     "rl": PAPER_CFG["rl"].get("num_processes", 1) * PAPER_CFG["rl"].get("threads_per_process", 1),
+    "evaluate": PAPER_CFG["evaluate"].get("threads", 1),
 }
 # Rules the slurm profile sends to EARL_SLURM_GPU_PARTITION.
 GPU_PARTITION_RULES = {"tokenize", "sft", "rl", "evaluate"}
