@@ -18,4 +18,5 @@ test: install
 
 lint: install
 	snakemake --lint
+	snakemake --lint --configfile config/paper.yaml
 	snakefmt --check Snakefile workflow/rules

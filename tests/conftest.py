@@ -104,26 +104,33 @@ def tiny_pipeline(tmp_path_factory):
     return root, data, config_file, paths
 
 
-def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: float = 300) -> None:
-    """Start ``python -m earl.<name>``, wait until the file ``ready`` exists, then SIGKILL the step's whole process
-    tree, like a node failure (torchrun's workers live in their own sessions, so a process group is not enough)."""
+def kill_tree_when(command: list[str], ready, timeout: float = 300, **popen) -> None:
+    """Start ``command``, wait until the file ``ready`` exists, then SIGKILL its whole process tree, like a node
+    failure. The tree is listed first and its root killed first, so no survivor sees a child die and cleans up
+    (Snakemake would record a failed job); torchrun's workers live in their own sessions, so a process group is
+    not enough."""
     import psutil
 
     process = subprocess.Popen(
-        [sys.executable, "-m", f"earl.{name}", "--config", config, "--out", str(out), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        command, **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}, start_new_session=True
     )
     deadline = time.time() + timeout
     while not Path(ready).exists():
-        assert process.poll() is None and time.time() < deadline, f"{name} ended before {ready} appeared"
+        assert process.poll() is None and time.time() < deadline, f"{command[:3]} ended before {ready} appeared"
         time.sleep(0.05)
     parent = psutil.Process(process.pid)
-    for victim in [*parent.children(recursive=True), parent]:
+    for victim in [parent, *parent.children(recursive=True)]:
         try:
             victim.kill()
         except psutil.NoSuchProcess:
             pass
     process.wait()
+
+
+def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: float = 300) -> None:
+    """Start ``python -m earl.<name>`` as a rule would and kill its process tree once ``ready`` exists."""
+    kill_tree_when([sys.executable, "-m", f"earl.{name}", "--config", config, "--out", str(out), *extra], ready,
+                   timeout=timeout)
 
 
 @pytest.fixture

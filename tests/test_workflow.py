@@ -12,11 +12,12 @@ from conftest import REPO, tiny_config, write_config
 pytestmark = pytest.mark.slow
 
 
+def snakemake_command(workdir, *args: str) -> list[str]:
+    return ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args]
+
+
 def snakemake(workdir, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
-        capture_output=True, text=True, timeout=timeout,
-    )
+    return subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True, timeout=timeout)
 
 
 def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:

@@ -1,5 +1,4 @@
 # Config validation, versioned paths and the step command line shared by all rules.
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -9,9 +8,13 @@ from snakemake.utils import validate
 
 STEPS = Path(workflow.basedir) / "steps"
 sys.path.insert(0, str(STEPS))
-# Jobs run this checkout's step package whether or not it is installed (manifests record its git commit).
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [str(STEPS), os.environ.get("PYTHONPATH")])
+# Jobs run this checkout's step package whether or not it is installed (manifests record its git commit): every
+# job's shell puts it first on PYTHONPATH, inside a container or on a cluster node too (Snakemake's own prefix
+# is `set -euo pipefail;`, kept).
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(str(STEPS))
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "  # braces doubled: Snakemake formats the prefix with each command
 )
 
 from earl.artifacts import Paths
@@ -93,3 +96,41 @@ def all_targets():
         + [str(PATHS.rl(name)) for name in RL_RUNS.values()]
         + ([str(PATHS.report())] if EVAL_RUNS else [])
     )
+
+
+# Inputs of the training and evaluation rules, by versioned output name.
+def sft_inputs(wildcards):
+    experiment, stage = SFT_RUNS[wildcards.run]
+    this = CFG.experiments[experiment].sft[stage]
+    inputs = {
+        "tokenized": [str(PATHS.tokenized(name)) for name in this.datasets],
+        "tokenizer": str(PATHS.text_tokenizer()),
+        "vq": str(PATHS.vq()),
+    }
+    if stage > 0:
+        inputs["parent"] = str(PATHS.sft(experiment, stage - 1))
+    return inputs
+
+
+def rl_inputs(wildcards):
+    experiment = RL_RUNS[wildcards.run]
+    return {
+        "sft": str(PATHS.sft(experiment)),
+        "tokenized": [
+            str(PATHS.tokenized(n)) for n in CFG.experiments[experiment].rl.datasets
+        ],
+        "tokenizer": str(PATHS.text_tokenizer()),
+        "vq": str(PATHS.vq()),
+    }
+
+
+def evaluate_inputs(wildcards):
+    experiment, benchmark = EVAL_RUNS[wildcards.run]
+    return {
+        "model": str(PATHS.model(experiment)),
+        "tokenized": sorted(
+            {str(PATHS.tokenized(p.dataset)) for p in CFG.benchmarks[benchmark].parts}
+        ),
+        "tokenizer": str(PATHS.text_tokenizer()),
+        "vq": str(PATHS.vq()),
+    }

@@ -1,18 +1,6 @@
 # Evaluation: one job per (final model, benchmark). Experiments that end in the same model share the job.
 
 
-def evaluate_inputs(wildcards):
-    experiment, benchmark = EVAL_RUNS[wildcards.run]
-    return {
-        "model": str(PATHS.model(experiment)),
-        "tokenized": sorted(
-            {str(PATHS.tokenized(p.dataset)) for p in CFG.benchmarks[benchmark].parts}
-        ),
-        "tokenizer": str(PATHS.text_tokenizer()),
-        "vq": str(PATHS.vq()),
-    }
-
-
 rule evaluate:
     input:
         unpack(evaluate_inputs),

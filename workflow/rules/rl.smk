@@ -1,18 +1,6 @@
 # GRPO: one job per experiment with an rl stage; experiments with the same SFT start and RL settings share it.
 
 
-def rl_inputs(wildcards):
-    experiment = RL_RUNS[wildcards.run]
-    return {
-        "sft": str(PATHS.sft(experiment)),
-        "tokenized": [
-            str(PATHS.tokenized(n)) for n in CFG.experiments[experiment].rl.datasets
-        ],
-        "tokenizer": str(PATHS.text_tokenizer()),
-        "vq": str(PATHS.vq()),
-    }
-
-
 rule rl:
     input:
         unpack(rl_inputs),

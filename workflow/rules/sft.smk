@@ -2,19 +2,6 @@
 # resolve to the same versioned path, so they share one job and one artifact.
 
 
-def sft_inputs(wildcards):
-    experiment, stage = SFT_RUNS[wildcards.run]
-    this = CFG.experiments[experiment].sft[stage]
-    inputs = {
-        "tokenized": [str(PATHS.tokenized(name)) for name in this.datasets],
-        "tokenizer": str(PATHS.text_tokenizer()),
-        "vq": str(PATHS.vq()),
-    }
-    if stage > 0:
-        inputs["parent"] = str(PATHS.sft(experiment, stage - 1))
-    return inputs
-
-
 rule sft:
     input:
         unpack(sft_inputs),
