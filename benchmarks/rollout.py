@@ -25,8 +25,8 @@ capture and copies back included):
 
 It also checks that every whole completion is a well-formed 32x32 block, that graph and eager decoding give the
 same tokens (same seeds), measures device-to-device copy bandwidth, and derives the memory-bandwidth bound of a
-decode step (weights + the KV cache the step attends over, read once). ``--profile`` records a few eager decode
-steps with ``torch.profiler`` and writes the device time per operator. Results: a table on stdout and
+decode step (weights + the KV cache the step attends over, read once). ``--profile`` records eager decode steps
+(this engine's and the baseline's) with ``torch.profiler`` and reports device time per operator and step. Results: a table on stdout and
 ``rollout_results.json`` (``--out``).
 """
 
@@ -50,24 +50,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from tokenizers import Tokenizer, models
-from transformers import Emu3ForCausalLM, Emu3TextConfig, LogitsProcessor, LogitsProcessorList
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import Emu3ForCausalLM, Emu3TextConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
-from earl import text_tokenizer
 from earl.engine import GridConstraint, HFEngine, SamplingParams
-from earl.layout import RL_PREFILL, Layout
+from earl.layout import BOS, EOS, PAD, RL_PREFILL, SPECIAL_TOKENS, Layout, visual_token_strings
 
 EMU3_BASE_VOCAB, EMU3_CODEBOOK = 151_643, 32_768
 WORDS = "make the red circle on the left blue and remove every small green triangle near the top edge please".split()
 
 
 def build_layout(base_vocab: int, codebook: int) -> Layout:
-    """A word-level tokenizer with Emu3's vocabulary layout: ``base_vocab`` regular tokens, specials, visual codes."""
+    """A word-level tokenizer with Emu3's vocabulary layout: ``base_vocab`` regular tokens, specials, visual codes.
+
+    Built here with ``tokenizers`` alone, as :mod:`earl.text_tokenizer` builds its own (digits one per token, then
+    Emu3's special and visual tokens in Emu3's order), because that module pulls in the pipeline's dependencies
+    (pydantic, datasets), which the GPU image lacks.
+    """
     regular = [*"0123456789*", *(f"t{i}" for i in range(base_vocab - 11))]
     base = Tokenizer(models.WordLevel({token: i for i, token in enumerate(regular)}, unk_token="t0"))
-    base.pre_tokenizer = text_tokenizer.pre_tokenizer()
-    text_tokenizer.add_emu3_tokens(base, codebook)
-    return Layout(text_tokenizer.wrap(base), codebook)
+    base.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    strings = [*SPECIAL_TOKENS, *visual_token_strings(codebook)]
+    base.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in strings])
+    return Layout(PreTrainedTokenizerFast(tokenizer_object=base, bos_token=BOS, eos_token=EOS, pad_token=PAD), codebook)
 
 
 def build_model(args, layout: Layout, device: torch.device, dtype: torch.dtype):
@@ -201,22 +208,25 @@ def step_bytes(model, n: int, attended_slots: float) -> float:
     return weights + n * config.hidden_size * 2 + n * attended_slots * kv_per_token
 
 
-def profile(engine, prompts, grids, params, out: Path | None) -> list[dict]:
-    """Device (or CPU) time per operator over an eager ``generate`` of a few tokens, largest first."""
+def profile(engine, prompts, grids, params_of, out: Path | None, name: str) -> list[dict]:
+    """Device time per operator and decode step, from eager ``generate`` calls of 8 and 24 tokens: their
+    difference is 16 decode steps without the prefill. Largest first."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch_profile(activities=activities) as prof:
-        engine.generate(prompts, grids, params)
-    key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    totals = []
+    for tokens in (8, 24):
+        with torch_profile(activities=activities) as prof:
+            engine.generate(prompts, grids, params_of(tokens))
+        totals.append({e.key: (e.count, (e.device_time_total if cuda else e.cpu_time_total) / 1e3) for e in prof.key_averages()})
+        if out and tokens == 24:
+            (out / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=50))
     rows = [
-        dict(op=e.key, calls=e.count, device_ms=getattr(e, "device_time_total", 0) / 1e3, cpu_ms=e.cpu_time_total / 1e3)
-        for e in prof.key_averages()
+        dict(op=op[:90], calls_per_step=(count - totals[0].get(op, (0, 0))[0]) / 16, ms_per_step=(ms - totals[0].get(op, (0, 0))[1]) / 16)
+        for op, (count, ms) in totals[1].items()
     ]
-    rows.sort(key=lambda r: -(r["device_ms"] if key == "device_time_total" else r["cpu_ms"]))
-    if out:
-        (out / "rollout_profile.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40))
-    return rows[:25]
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:30]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,13 +346,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         n = max(args.short_batches)
         prompts = workload(layout, n, grid, seed=n)
-        params = SamplingParams(max_tokens=8, temperature=1.0, top_k=args.top_k, seed=args.seed)
-        results["profile_eager_8_tokens"] = profile(HFEngine(model, layout, batch_size=n, cuda_graph=False), prompts, [grid] * n, params, out)
+        current = lambda tokens: SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
+        engine = HFEngine(model, layout, batch_size=n, cuda_graph=False)
+        results["profile_engine_eager"] = profile(engine, prompts, [grid] * n, current, out, "engine_eager")
         if baseline:
             old = baseline.HFEngine(model, layout, batch_size=n)
-            old_params = baseline.SamplingParams(max_tokens=8, temperature=1.0, top_k=args.top_k, seed=args.seed)
-            results["profile_baseline_8_tokens"] = profile(old, prompts, [grid] * n, old_params, None)
+            older = lambda tokens: baseline.SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
+            results["profile_baseline"] = profile(old, prompts, [grid] * n, older, out, "baseline")
         record(dict(run="profile", batch=n))
+        for key in ("profile_engine_eager", "profile_baseline"):
+            for row in results.get(key, [])[:12]:
+                print(f"{key:<22}{row['ms_per_step']:>9.3f} ms{row['calls_per_step']:>8.1f}  {row['op']}")
 
     print(f"\n{'run':<13}{'batch':>6}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
     for r in results["runs"]:
