@@ -143,17 +143,21 @@ def left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tup
 
 
 def prefill_seconds(model, prompts, layout, max_tokens, device) -> float:
-    """One prefill as the engine runs it (left-padded batch into a fresh static cache, last logits only)."""
+    """One prefill as the engine runs it: left-padded batch, fresh static cache, the engine's slices, last logits."""
     from transformers import StaticCache
 
     ids, mask = left_padded(prompts, layout.ids.pad, device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     full = torch.nn.functional.pad(mask, (0, max_tokens))
+    chunk = max(1, HFEngine(model, layout).prefill_tokens // len(prompts))
 
     def run():
         cache = StaticCache(config=model.config, max_cache_len=full.shape[1])
         with torch.no_grad():
-            return model(input_ids=ids, attention_mask=full, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for start in range(0, ids.shape[1], chunk):
+                end = min(start + chunk, ids.shape[1])
+                model(input_ids=ids[:, start:end], attention_mask=full, position_ids=position[:, start:end],
+                      past_key_values=cache, cache_position=torch.arange(start, end, device=device), use_cache=True, logits_to_keep=1)
 
     timed(device, run)  # warm-up
     return timed(device, run)[1]
