@@ -44,6 +44,17 @@ def test_greedy_equals_hf_generate_with_left_padded_batches(tiny):
         assert rollouts.completion(i) == expected
 
 
+def test_prompts_prefilled_in_slices_give_the_same_greedy_completions(tiny):
+    model, layout = tiny
+    batch = prompts(layout, 4)
+    params = SamplingParams(max_tokens=10, temperature=0.0, grid_constraint=False)
+    whole = HFEngine(model, layout, batch_size=4).generate(batch, [(3, 4)] * 4, params)
+    sliced = HFEngine(model, layout, batch_size=4, prefill_tokens=4 * 7).generate(batch, [(3, 4)] * 4, params)
+    assert max(map(len, batch)) > 3 * 7  # several slices, the last one partial
+    assert torch.equal(whole.tokens, sliced.tokens)
+    assert torch.allclose(whole.logprobs, sliced.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("prefill", ["<|image start|>", "<|image start|>{H}*{W}", ""])
 def test_grid_constraint_makes_every_sample_a_well_formed_block(tiny, prefill):
     """Even an untrained model writes exactly the source's H×W block, with RL's, eval's or no prefill."""

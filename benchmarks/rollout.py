@@ -1,0 +1,375 @@
+"""Rollout speed of the built-in engine (``earl.engine.HFEngine``) on an Emu3-8B-shaped model, against HF ``generate``.
+
+    python benchmarks/rollout.py --device cuda --out DIR              # GPU: Emu3-8B geometry, bf16, random weights
+    python benchmarks/rollout.py --tiny --out DIR                     # CPU smoke test (seconds): tiny model, same code
+    python benchmarks/rollout.py --device cuda --baseline-engine OLD_ENGINE.py ...   # also time an older engine.py
+
+Workload (RL's, spec §A.10, §C.2, §C.4): each prompt is BOS + a 32x32 source image block (1,065 tokens) + an
+instruction of 4-19 words + the RL prefill ``<|image start|>``; each completion is sampled at T = 1 (top-k
+``--top-k``, default off as in RL) under the grid constraint keyed on the source's 32x32, i.e. the header
+"32*32", IMG, 32 rows of 32 codes + EOL, EOF, EOI, EOS = 1,065 new tokens. The model is transformers'
+``Emu3ForCausalLM`` with Emu3-8B's text sizes (32 layers, hidden 4,096, MLP 14,336, 32 heads, 8 KV heads,
+vocabulary 184,622), random bf16 weights; the tokenizer has Emu3's vocabulary layout (151,643 regular tokens,
+then the special and 32,768 visual tokens at Emu3's ids), so every id and length is the real one.
+
+Runs, each timed wall-clock with ``torch.cuda.synchronize`` around the whole ``generate`` call (prefill, graph
+capture and copies back included):
+
+* ``engine`` (CUDA graph, the default) for every ``--batches`` size, whole completions (``--max-tokens`` sizes the
+  static KV cache, as ``rl.max_response_tokens`` does; every completion ends at 1,065 tokens anyway);
+* ``engine_eager`` (``cuda_graph=False``), ``hf_generate`` (transformers' ``generate``, dynamic cache, the same
+  prompts and sampling, the same grid constraint as a ``LogitsProcessor``) and ``baseline`` (``--baseline-engine``,
+  an ``engine.py`` of an earlier commit) for ``--short-batches`` with ``--short-tokens`` new tokens only: they are
+  launch-bound at ~0.1 s per token, so whole completions would take minutes; their per-step time is (wall −
+  prefill) / steps, with the prefill timed alone.
+
+It also checks that every whole completion is a well-formed 32x32 block, that graph and eager decoding give the
+same tokens (same seeds), measures device-to-device copy bandwidth, and derives the memory-bandwidth bound of a
+decode step (weights + the KV cache the step attends over, read once). ``--profile`` records eager decode steps
+(this engine's and the baseline's) with ``torch.profiler`` and reports device time per operator and step. Results: a table on stdout and
+``rollout_results.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py shadows the standard library's `tokenize` while this folder is first on sys.path.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "steps"))
+
+import argparse  # noqa: E402
+import importlib.util
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import Emu3ForCausalLM, Emu3TextConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
+
+from earl.engine import GridConstraint, HFEngine, SamplingParams
+from earl.layout import BOS, EOS, PAD, RL_PREFILL, SPECIAL_TOKENS, Layout, visual_token_strings
+
+EMU3_BASE_VOCAB, EMU3_CODEBOOK = 151_643, 32_768
+WORDS = "make the red circle on the left blue and remove every small green triangle near the top edge please".split()
+
+
+def build_layout(base_vocab: int, codebook: int) -> Layout:
+    """A word-level tokenizer with Emu3's vocabulary layout: ``base_vocab`` regular tokens, specials, visual codes.
+
+    Built here with ``tokenizers`` alone, as :mod:`earl.text_tokenizer` builds its own (digits one per token, then
+    Emu3's special and visual tokens in Emu3's order), because that module pulls in the pipeline's dependencies
+    (pydantic, datasets), which the GPU image lacks.
+    """
+    regular = [*"0123456789*", *(f"t{i}" for i in range(base_vocab - 11))]
+    base = Tokenizer(models.WordLevel({token: i for i, token in enumerate(regular)}, unk_token="t0"))
+    base.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    strings = [*SPECIAL_TOKENS, *visual_token_strings(codebook)]
+    base.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in strings])
+    return Layout(PreTrainedTokenizerFast(tokenizer_object=base, bos_token=BOS, eos_token=EOS, pad_token=PAD), codebook)
+
+
+def build_model(args, layout: Layout, device: torch.device, dtype: torch.dtype):
+    sizes = (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        if args.tiny
+        else dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8)
+    )
+    config = Emu3TextConfig(
+        vocab_size=layout.ids.visual_base + layout.ids.codebook_size, max_position_embeddings=9216, rope_theta=1e6,
+        attention_dropout=0.0, pad_token_id=layout.ids.pad, bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos, **sizes,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Emu3ForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def workload(layout: Layout, n: int, grid: tuple[int, int], seed: int = 0) -> list[list[int]]:
+    """``n`` RL prompts: random source codes, instructions of 4-19 words (so the batch is left-padded)."""
+    rng = np.random.default_rng(seed)
+    return [
+        layout.prompt(rng.integers(0, layout.ids.codebook_size, grid), " ".join(WORDS[: rng.integers(4, 20)]), RL_PREFILL)
+        for _ in range(n)
+    ]
+
+
+class GridLogits(LogitsProcessor):
+    """The engine's grid constraint as a transformers ``LogitsProcessor`` (for the ``generate`` baseline)."""
+
+    def __init__(self, constraint: GridConstraint, prompt_length: int):
+        self.constraint, self.prompt_length = constraint, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.prompt_length:
+            self.constraint.advance(input_ids[:, -1])
+        return self.constraint.mask_(scores)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: torch.device, fn):
+    """(result, wall seconds, peak GiB allocated during ``fn``)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return result, seconds, peak
+
+
+def left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :], mask[i, longest - len(p) :] = torch.tensor(p), 1
+    return ids.to(device), mask.to(device)
+
+
+def prefill_seconds(model, prompts, layout, max_tokens, device) -> float:
+    """One prefill as the engine runs it: left-padded batch, fresh static cache, the engine's slices, last logits."""
+    from transformers import StaticCache
+
+    ids, mask = left_padded(prompts, layout.ids.pad, device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = torch.nn.functional.pad(mask, (0, max_tokens))
+    chunk = max(1, HFEngine(model, layout).prefill_tokens // len(prompts))
+
+    def run():
+        cache = StaticCache(config=model.config, max_cache_len=full.shape[1])
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], chunk):
+                end = min(start + chunk, ids.shape[1])
+                model(input_ids=ids[:, start:end], attention_mask=full, position_ids=position[:, start:end],
+                      past_key_values=cache, cache_position=torch.arange(start, end, device=device), use_cache=True, logits_to_keep=1)
+
+    timed(device, run)  # warm-up
+    return timed(device, run)[1]
+
+
+def hf_generate(model, prompts, layout, grid, params: SamplingParams, device):
+    ids, mask = left_padded(prompts, layout.ids.pad, device)
+    header = [layout.ids.boi, *layout.text(f"{grid[0]}*{grid[1]}"), layout.ids.img]
+    constraint = GridConstraint(
+        layout.ids, torch.tensor([grid] * len(prompts), device=device), [header] * len(prompts), prompts, model.config.vocab_size
+    )
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_tokens, min_new_tokens=0, do_sample=True,
+            temperature=params.temperature, top_k=max(params.top_k, 0), top_p=1.0,
+            logits_processor=LogitsProcessorList([GridLogits(constraint, ids.shape[1])]),
+            pad_token_id=layout.ids.pad, eos_token_id=layout.ids.eos,
+        )
+
+
+def load_engine_module(path: str):
+    spec = importlib.util.spec_from_file_location("baseline_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def bandwidth_gbs(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), median of 10 copies of 2 GiB."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.randn(2**29, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * 2**31 / float(np.median(times[2:])) / 1e9
+
+
+def step_bytes(model, n: int, attended_slots: float) -> float:
+    """Bytes a decode step must read at least: every weight but the embedding table, n embedding rows, the KV cache."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
+    return weights + n * config.hidden_size * 2 + n * attended_slots * kv_per_token
+
+
+def profile(engine, prompts, grids, params_of, out: Path | None, name: str) -> list[dict]:
+    """Device time per operator and decode step, from eager ``generate`` calls of 8 and 24 tokens: their
+    difference is 16 decode steps without the prefill. Largest first."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    totals = []
+    for tokens in (8, 24):
+        with torch_profile(activities=activities) as prof:
+            engine.generate(prompts, grids, params_of(tokens))
+        totals.append({e.key: (e.count, (e.device_time_total if cuda else e.cpu_time_total) / 1e3) for e in prof.key_averages()})
+        if out and tokens == 24:
+            (out / f"profile_{name}.txt").write_text(prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=50))
+    rows = [
+        dict(op=op[:90], calls_per_step=(count - totals[0].get(op, (0, 0))[0]) / 16, ms_per_step=(ms - totals[0].get(op, (0, 0))[1]) / 16)
+        for op, (count, ms) in totals[1].items()
+    ]
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:30]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 4x4 grid, 16 codes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--short-batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--short-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1100], help="static cache room per completion; "
+                        "with several values the largest --short-batches size runs once per extra value")
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--baseline-engine", help="an engine.py (e.g. of an earlier commit) to time beside this one")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.device, args.batches, args.short_batches, args.short_tokens, args.max_tokens = "cpu", [2, 4], [2], 6, [40]
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    grid = (4, 4) if args.tiny else (32, 32)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    layout = build_layout(64 if args.tiny else EMU3_BASE_VOCAB, 16 if args.tiny else EMU3_CODEBOOK)
+    model = build_model(args, layout, device, dtype)
+    completion = len(layout.text(f"{grid[0]}*{grid[1]}")) + 1 + grid[0] * (grid[1] + 1) + 3
+    info = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+        parameters=sum(p.numel() for p in model.parameters()), layers=model.config.num_hidden_layers,
+        completion_tokens=completion, setup_s=round(time.perf_counter() - t0, 1), top_k=args.top_k,
+    )
+    print(json.dumps(info), flush=True)
+    bandwidth = bandwidth_gbs(device)
+    results: dict = dict(info=info, bandwidth_gbs=bandwidth, runs=[], checks={})
+
+    def record(run: dict) -> None:
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        if out:
+            (out / "rollout_results.json").write_text(json.dumps(results, indent=1))
+
+    # -- checks first (small): graph and eager decoding agree token for token (well-formedness: below, per run)
+    check_prompts = workload(layout, 8, grid, seed=99)
+    check = SamplingParams(max_tokens=48, temperature=1.0, top_k=args.top_k, seed=args.seed)
+    eager = HFEngine(model, layout, batch_size=8, cuda_graph=False).generate(check_prompts, [grid] * 8, check)
+    graphed = HFEngine(model, layout, batch_size=8).generate(check_prompts, [grid] * 8, check)
+    results["checks"]["graph_equals_eager_tokens"] = bool(torch.equal(eager.tokens, graphed.tokens))
+    results["checks"]["graph_vs_eager_max_logprob_diff"] = float((eager.logprobs - graphed.logprobs).abs().max())
+    print(json.dumps(results["checks"]), flush=True)
+
+    def well_formed(prompts, rollouts) -> float:
+        good = 0
+        for i in range(len(prompts)):
+            try:
+                good += bool(rollouts.finished[i]) and layout.parse_grid(rollouts.completion(i)).shape == grid
+            except ValueError:
+                pass
+        return good / len(prompts)
+
+    # -- the engine (CUDA graph where available), whole completions
+    plans = [(n, args.max_tokens[0]) for n in args.batches] + [(max(args.short_batches), m) for m in args.max_tokens[1:]]
+    for n, max_tokens in plans:
+        prompts = workload(layout, n, grid, seed=n)
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+        engine = HFEngine(model, layout, batch_size=n)
+        try:
+            rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
+        except torch.OutOfMemoryError as error:
+            record(dict(run="engine", batch=n, max_tokens=max_tokens, error=f"out of memory: {str(error)[:200]}"))
+            continue
+        prefill = prefill_seconds(model, prompts, layout, max_tokens, device)
+        steps = int(rollouts.lengths.max())
+        generated = int(rollouts.lengths.sum())
+        longest = max(map(len, prompts))
+        per_step = (seconds - prefill) / steps
+        full_cache = step_bytes(model, n, longest + max_tokens)
+        filled = step_bytes(model, n, longest + steps / 2)
+        record(dict(
+            run="engine" if device.type == "cuda" else "engine_eager", batch=n, max_tokens=max_tokens, prompt_tokens=longest,
+            steps=steps, generated_tokens=generated, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
+            decode_ms_per_step=round(per_step * 1e3, 3), tokens_per_s=round(generated / seconds, 1),
+            decode_tokens_per_s=round(n / per_step, 1), sequences_per_s=round(n / seconds, 3),
+            seconds_per_128=round(seconds * 128 / n, 2), peak_gib=round(peak, 2), well_formed=well_formed(prompts, rollouts),
+            bound_tokens_per_s_full_cache=round(n * bandwidth * 1e9 / full_cache, 1),
+            bound_tokens_per_s_filled_cache=round(n * bandwidth * 1e9 / filled, 1),
+        ))
+        del rollouts
+
+    # -- launch-bound paths: a few tokens each, per-step time from (wall - prefill) / steps
+    baseline = load_engine_module(args.baseline_engine) if args.baseline_engine else None
+    for n in args.short_batches:
+        prompts = workload(layout, n, grid, seed=n)
+        params = SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+        prefill = prefill_seconds(model, prompts, layout, args.max_tokens[0], device)
+        runners = {"hf_generate": lambda: hf_generate(model, prompts, layout, grid, params, device)}
+        if device.type == "cuda":
+            engine = HFEngine(model, layout, batch_size=n, cuda_graph=False)
+            runners["engine_eager"] = lambda: engine.generate(prompts, [grid] * n, params)
+        if baseline:
+            old = baseline.HFEngine(model, layout, batch_size=n)
+            old_params = baseline.SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+            runners["baseline"] = lambda: old.generate(prompts, [grid] * n, old_params)
+        for name, fn in runners.items():
+            _, seconds, peak = timed(device, fn)
+            per_step = (seconds - prefill) / args.short_tokens
+            record(dict(
+                run=name, batch=n, new_tokens=args.short_tokens, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
+                decode_ms_per_step=round(per_step * 1e3, 3), decode_tokens_per_s=round(n / per_step, 1), peak_gib=round(peak, 2),
+            ))
+
+    if args.profile:
+        n = max(args.short_batches)
+        prompts = workload(layout, n, grid, seed=n)
+        current = lambda tokens: SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
+        engine = HFEngine(model, layout, batch_size=n, cuda_graph=False)
+        results["profile_engine_eager"] = profile(engine, prompts, [grid] * n, current, out, "engine_eager")
+        if baseline:
+            old = baseline.HFEngine(model, layout, batch_size=n)
+            older = lambda tokens: baseline.SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
+            results["profile_baseline"] = profile(old, prompts, [grid] * n, older, out, "baseline")
+        record(dict(run="profile", batch=n))
+        for key in ("profile_engine_eager", "profile_baseline"):
+            for row in results.get(key, [])[:12]:
+                print(f"{key:<22}{row['ms_per_step']:>9.3f} ms{row['calls_per_step']:>8.1f}  {row['op']}")
+
+    print(f"\n{'run':<13}{'batch':>6}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
+    for r in results["runs"]:
+        if "seconds" in r:
+            print(f"{r['run']:<13}{r['batch']:>6}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
+                  f"{r['decode_ms_per_step']:>9.2f}{r['decode_tokens_per_s']:>14.1f}{r.get('seconds_per_128', float('nan')):>11.2f}"
+                  f"{r['peak_gib']:>7.1f}")
+    print(f"copy bandwidth {bandwidth:.0f} GB/s; checks {results['checks']}")
+
+
+if __name__ == "__main__":
+    main()
