@@ -139,9 +139,26 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+# Manifest facts that say when or how fast a step ran, not what it made.
+VOLATILE = frozenset({"created", "train_runtime", "train_samples_per_second", "train_steps_per_second"})
+
+
+def identity(manifest: Any) -> Any:
+    """A manifest without its :data:`VOLATILE` facts: equal for two runs that made the same thing."""
+    if isinstance(manifest, dict):
+        return {k: identity(v) for k, v in manifest.items() if k not in VOLATILE}
+    if isinstance(manifest, list):
+        return [identity(v) for v in manifest]
+    return manifest
+
+
 def input_hashes(inputs: list[Path]) -> dict[str, str]:
-    """Content hash of each input directory's manifest, so a manifest names exactly what it was built from."""
-    return {str(p): hashlib.sha256((Path(p) / MANIFEST).read_bytes()).hexdigest()[:16] for p in inputs}
+    """Hash of each input's manifest identity, so a manifest names exactly what it was built from, and a rerun
+    from scratch that made the same inputs records the same hashes."""
+    return {
+        str(p): hashlib.sha256(json.dumps(identity(read_manifest(Path(p))), sort_keys=True).encode()).hexdigest()[:16]
+        for p in inputs
+    }
 
 
 def write_manifest(directory: Path, *, step: str, config: Any, inputs: list[Path], **facts: Any) -> dict:
