@@ -78,7 +78,7 @@ def test_evaluate_writes_samples_images_and_metrics_that_agree(sft_model):
 def test_evaluate_edits_are_the_rollout_engines(sft_model):
     """Greedy evaluation equals the engine's greedy edits of the same prompts: one generation code path."""
     root, config_file = sft_model
-    file, paths, data = eval_config(root, config_file, "eval-greedy", temperature=0.0, batch_size=3)
+    file, paths, data = eval_config(root, config_file, "eval-greedy", temperature=0.0, batch_size=3, samples_per_prompt=1)
     out = paths.evaluate("sft_s", "shapes_c")
     assert evaluate(file, out, "shapes_c").returncode == 0
     config = from_dict(data)
