@@ -7,7 +7,10 @@ import pytest
 import torch
 from transformers import Emu3ForCausalLM, Emu3TextConfig
 
-from earl.engine import GridConstraint, HFEngine, SamplingParams
+from earl.config import ConfigError
+from earl.engine import (
+    GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued, grid_header,
+)
 from earl.layout import Layout
 
 
@@ -110,6 +113,78 @@ def test_prompt_ending_inside_the_header_continues_it(tiny):
         constraint = GridConstraint(ids, torch.tensor([[2, 3]]), [header], [[ids.bos, 5, *header[:prefill_length]]], vocab)
         logits = constraint.mask_(torch.zeros(1, vocab))
         assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [first]
+
+
+def test_slot_pool_applies_the_batch_constraint_s_rule_to_every_slot_at_every_step(tiny):
+    """The vllm engine's shape of the constraint (a pool of slots, rows reordered every step, tokens read from a
+    history, a preempted sequence recomputed) allows exactly what GridConstraint allows the same sequence."""
+    _, layout = tiny
+    ids, vocab, steps = layout.ids, layout.ids.visual_base + 16, 24
+    rng = np.random.default_rng(0)
+    grids = [(2, 3), (1, 2), (3, 1)]
+    prompts = [layout.prompt(np.zeros(g, dtype=int), "make the red circle blue", prefill)
+               for g, prefill in zip(grids, ["<|image start|>", "<|image start|>{H}*{W}", ""])]
+    # each sequence alone under GridConstraint, a random allowed token per step (the free-text one opens its
+    # image after three words)
+    expected, generated = [], []
+    for prompt, grid in zip(prompts, grids):
+        constraint = GridConstraint(ids, torch.tensor([grid]), [grid_header(layout, grid)], [prompt], vocab)
+        masks, tokens = [], []
+        for t in range(steps):
+            masks.append(torch.isfinite(constraint.mask_(torch.zeros(1, vocab)))[0])
+            choice = ids.boi if t == 3 and grid == grids[2] else rng.choice(masks[-1].nonzero().flatten().numpy())
+            tokens.append(int(choice))
+            constraint.advance(torch.tensor([tokens[-1]]))
+        expected.append(masks)
+        generated.append(tokens)
+    assert all(ids.eos in tokens for tokens in generated)  # every walk went through a whole image block
+
+    pool = GridSlots(GridRule(ids, vocab, "cpu"), slots=6)
+    slot_of = [4, 1, 2]  # slot 0 holds a sequence without the constraint
+    history = torch.zeros(6, 200, dtype=torch.int32)  # vLLM's all_token_ids: prompt, then generated tokens
+    starts = {0: 5}
+    requests = {}
+    for slot, prompt, grid, tokens in zip(slot_of, prompts, grids, generated):
+        history[slot, : len(prompt) + steps] = torch.tensor(prompt + tokens)
+        starts[slot] = len(prompt)
+        requests[slot] = GridRequest.from_args(GridRequest.of(layout, prompt, grid).to_args())  # via extra_args
+        assert pool.add(slot, requests[slot])
+    assert not pool.add(0, None)
+    pool.flush()
+    for t in range(steps):
+        if t == 10:  # preempted and recomputed: re-added, each slot folds its 10 tokens at once
+            for slot in slot_of:
+                pool.add(slot, requests[slot])
+            pool.flush()
+        order = np.array([4, 0, 1, 2] if t % 2 else [2, 1, 0, 4])
+        pool.fold(order, np.full(4, t), history, np.array([starts[s] for s in order]))
+        allowed = torch.isfinite(pool.mask_(torch.zeros(4, vocab), order))
+        for row, slot in enumerate(order.tolist()):
+            want = torch.ones(vocab, dtype=torch.bool) if slot == 0 else expected[slot_of.index(slot)][t]
+            assert torch.equal(allowed[row], want), (t, slot)
+
+
+def test_grid_request_carries_grid_header_and_prompt_state(tiny):
+    _, layout = tiny
+    header = grid_header(layout, (3, 4))
+    eval_prompt = layout.prompt(np.zeros((3, 4), dtype=int), "remove the blue triangle", "<|image start|>{H}*{W}")
+    request = GridRequest.of(layout, eval_prompt, (3, 4))
+    assert (request.rows, request.cols, request.header) == (3, 4, header)
+    assert request.head == continued(eval_prompt, header) == len(header) - 1  # the prefill stops before IMG
+    assert GridRequest.from_args(request.to_args()) == request
+    for bad in ({"rows": 3, "cols": 4, "header": header}, {**request.to_args(), "header": header * 4},
+                {**request.to_args(), "head": len(header)}, {**request.to_args(), "rows": 0}):
+        with pytest.raises(ValueError, match="earl_grid"):
+            GridRequest.from_args(bad)
+
+
+def test_top_p_needs_the_vllm_engine(tiny):
+    model, layout = tiny
+    with pytest.raises(ConfigError, match=r"^rl\.top_p: 0\.9 needs engine: vllm"):
+        check_engine("hf", 0.9, "rl")
+    check_engine("hf", 1.0, "rl")
+    with pytest.raises(ValueError, match="top-p"):
+        HFEngine(model, layout).generate(prompts(layout, 1), [(3, 4)], SamplingParams(max_tokens=2, top_p=0.9))
 
 
 def test_sampling_matches_the_model_distribution(tiny):

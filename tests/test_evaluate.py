@@ -3,6 +3,7 @@ chunked resume after kill -9, the VIEScore judge over HTTP with its answer cache
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -78,7 +79,7 @@ def test_evaluate_writes_samples_images_and_metrics_that_agree(sft_model):
 def test_evaluate_edits_are_the_rollout_engines(sft_model):
     """Greedy evaluation equals the engine's greedy edits of the same prompts: one generation code path."""
     root, config_file = sft_model
-    file, paths, data = eval_config(root, config_file, "eval-greedy", temperature=0.0, batch_size=3)
+    file, paths, data = eval_config(root, config_file, "eval-greedy", temperature=0.0, batch_size=3, samples_per_prompt=1)
     out = paths.evaluate("sft_s", "shapes_c")
     assert evaluate(file, out, "shapes_c").returncode == 0
     config = from_dict(data)
@@ -144,14 +145,23 @@ def test_unique_ids_keep_first_and_number_repeats():
     assert unique_ids(["a", "b", "a", "a"]) == ["a", "b", "a#2", "a#3"]
 
 
-def test_evaluate_refuses_an_unknown_benchmark_and_unimplemented_engine(sft_model):
+def test_evaluate_refuses_an_unknown_benchmark(sft_model):
     root, config_file = sft_model
     file, paths, _ = eval_config(root, config_file, "eval-bad")
     result = evaluate(file, root / "x", "nope")
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: --benchmark 'nope'")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here: the engine runs")
+def test_evaluate_refuses_the_vllm_engine_outside_its_environment(sft_model):
+    root, config_file = sft_model
     file, _, _ = eval_config(root, config_file, "eval-vllm", engine="vllm")
     result = evaluate(file, root / "y")
-    assert result.returncode == 1 and "evaluate.engine: 'vllm' is not implemented" in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: evaluate.engine: 'vllm' needs the vllm package, which is not installed here; "
+        "run the step in the vllm environment (envs/vllm.yaml, containers/vllm)"
+    )
 
 
 def test_evaluate_starts_and_stops_its_own_judge_server(sft_model):

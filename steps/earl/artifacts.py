@@ -47,6 +47,15 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot hash {type(value).__name__}")
 
 
+# How much of a GPU the vllm engine takes is a resource setting, like tokenize.workers: left out of the versions.
+RESOURCE_SETTINGS = {"vllm_gpu_memory_utilization"}
+
+
+def versioned(section: BaseModel) -> dict:
+    """The part of a config section that versions its step's output."""
+    return section.model_dump(mode="json", exclude=RESOURCE_SETTINGS)
+
+
 class Paths:
     """Artifact directories of one config: the DAG's file names, shared by the Snakefile and the steps."""
 
@@ -97,7 +106,7 @@ class Paths:
         stage = self.config.experiments[experiment].rl
         inputs = [self.sft(experiment).name, *(self.tokenized(n).name for n in stage.datasets)]
         label = "+".join(stage.datasets)
-        return self.root / "rl" / f"{label}-{stable_hash(self.config.rl, stage, inputs)}"
+        return self.root / "rl" / f"{label}-{stable_hash(versioned(self.config.rl), stage, inputs)}"
 
     def model(self, experiment: str) -> Path:
         """The experiment's final model: its RL output, or its last SFT stage when it has no RL."""
@@ -110,7 +119,7 @@ class Paths:
         """
         bench = self.config.benchmarks[benchmark]
         inputs = [self.model(experiment).name, self.vq().name, *(self.tokenized(p.dataset).name for p in bench.parts)]
-        return self.root / "evaluate" / f"{benchmark}-{stable_hash(self.config.evaluate, bench, inputs)}"
+        return self.root / "evaluate" / f"{benchmark}-{stable_hash(versioned(self.config.evaluate), bench, inputs)}"
 
     def report(self) -> Path:
         """Tables, figures and sample grids of every experiment: one report per results root, rebuilt in place."""

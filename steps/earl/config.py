@@ -277,6 +277,9 @@ class GRPO(Section):
     heldout_samples: int = Field(200, ge=1, description="held-out rows per dataset")
     rollout_batch_size: int = Field(64, ge=1, description="sequences the built-in engine decodes together")
     engine: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="share of each GPU the vllm engine takes beside the trainer (weights + KV cache)"
+    )
     reward: Reward
     seed: int = 42
 
@@ -292,6 +295,7 @@ class Evaluate(Section):
     samples_per_prompt: int = Field(1, ge=1, description="edits per benchmark row (paper: 1; more narrows the CI)")
     batch_size: int = Field(64, ge=1, description="sequences the built-in engine decodes together")
     engine: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU the vllm engine takes")
     gpus: int = Field(0, ge=0, description="GPUs one evaluate job asks the scheduler for")
     threads: int = Field(1, ge=1, description="CPU threads of one evaluate job")
     bootstrap_resamples: int = Field(2000, ge=100, description="resamples of the 95 % percentile bootstrap CIs")

@@ -1,10 +1,12 @@
 """Rollout engines: prompts + grid sizes + sampling parameters in, completions with log-probs out.
 
 Every step that generates (the SFT quality check, GRPO rollouts, evaluation, ``earl edit``) calls
-:meth:`Engine.generate`, so there is one generation code path. The built-in ``hf`` engine runs the model's own
-forward over a pre-allocated :class:`~transformers.StaticCache` (no per-token cache growth), samples on the
-model's device, and applies the grid constraint as an O(1)-per-token state update (spec §C.4) instead of the
-original's re-scan of the whole history at every token.
+``engine.generate``, so there is one generation code path; :func:`make_engine` builds the configured one
+(``rl.engine``, ``evaluate.engine``). The built-in ``hf`` engine runs the model's own forward over a
+pre-allocated :class:`~transformers.StaticCache` (no per-token cache growth), samples on the model's device,
+and applies the grid constraint as an O(1)-per-token state update (spec §C.4) instead of the original's
+re-scan of the whole history at every token. The ``vllm`` engine (:mod:`earl.vllm_engine`, paper scale) runs
+in vLLM's own environment and applies the same rule (:class:`GridRule`) through :class:`GridSlots`.
 
 Grid constraint (spec §C.4), O(1) state per token: before the image only text and special tokens are allowed
 (no visual codes); once ``<|image start|>`` is there (generated or pre-filled), the header ``H*W`` and
@@ -15,28 +17,36 @@ was forced into; here header and grid always agree.
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
-from transformers import AttentionInterface, StaticCache
+from transformers import AttentionInterface, Emu3ForCausalLM, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from earl.config import ConfigError
 from earl.layout import Layout, SpecialIds
+from earl.models import load_checked
 
 DONE_CHECK_EVERY = 16  # decode steps between checks that every sequence has finished (each check waits for the device)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature == 0`` is greedy decoding."""
+    """How to sample. ``temperature == 0`` is greedy decoding; ``top_k`` -1 and ``top_p`` 1 keep every token
+    (the built-in engine has no top-p and refuses any other value)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_k: int = -1
     grid_constraint: bool = True
     seed: int = 0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -45,7 +55,7 @@ class Rollouts:
 
     ``tokens[i, :lengths[i]]`` is completion ``i`` (its EOS included when ``finished[i]``); ``logprobs`` are
     the log-probabilities of those tokens under the distribution they were sampled from (after the grid
-    constraint, temperature and top-k).
+    constraint, temperature, top-k and top-p), not the policy's: GRPO recomputes those (``earl.grpo``).
     """
 
     tokens: torch.Tensor  # [N, T] int64
@@ -56,61 +66,228 @@ class Rollouts:
     def completion(self, i: int) -> list[int]:
         return self.tokens[i, : self.lengths[i]].tolist()
 
+    @classmethod
+    def of(cls, completions: list[list[int]], logprobs: list[list[float]], finished: list[bool], pad: int) -> Rollouts:
+        """Rollouts from per-sequence lists (an engine that returns sequences one by one)."""
+        width = max(map(len, completions), default=0)
+        return cls(
+            tokens=torch.tensor([c + [pad] * (width - len(c)) for c in completions], dtype=torch.long).view(len(completions), width),
+            logprobs=torch.tensor([lp + [0.0] * (width - len(lp)) for lp in logprobs], dtype=torch.float32).view(len(completions), width),
+            lengths=torch.tensor([len(c) for c in completions], dtype=torch.long),
+            finished=torch.tensor(finished, dtype=torch.bool),
+        )
+
+
+class GridState(NamedTuple):
+    """Where N sequences stand in the grid constraint, one row each (spec §C.4).
+
+    ``header[n]`` is BOI, the digits of "H*W" and IMG for sequence ``n`` (PAD-padded); ``head[n]`` points at the
+    next header token to force (-1: free text before the image); ``pos[n]`` counts tokens since IMG (0: not in
+    the image); ``rows[n]``, ``cols[n]`` are its H and W.
+    """
+
+    header: torch.Tensor  # [N, K]
+    head: torch.Tensor  # [N]
+    pos: torch.Tensor  # [N]
+    rows: torch.Tensor  # [N]
+    cols: torch.Tensor  # [N]
+
+
+class GridRule:
+    """Which tokens a sequence may emit next, and where a token moves it: the one home of the grid constraint.
+
+    Pure functions of a :class:`GridState`, so the built-in engine (:class:`GridConstraint`, a fixed batch
+    updated in place) and the vllm engine (a pool of request slots that sequences enter and leave, see
+    :class:`GridSlots`) apply the same rule, each with O(1) work per token.
+    """
+
+    def __init__(self, ids: SpecialIds, vocab_size: int, device: torch.device | str):
+        self.ids = ids
+        self.col = torch.arange(vocab_size, device=device)
+        self.visual = (self.col >= ids.visual_base) & (self.col < ids.visual_base + ids.codebook_size)
+
+    def forced(self, state: GridState) -> torch.Tensor:
+        """The token each sequence must emit next, or -1 where any visual code (or, before the image, any text) may."""
+        ids, pos = self.ids, state.pos
+        width, end = state.cols + 1, (state.cols + 1) * state.rows
+        forced = torch.where(state.head >= 0, state.header.gather(1, state.head.clamp(min=0)[:, None]).squeeze(1), -1)
+        forced = torch.where((pos > 0) & (pos % width == 0) & (pos <= end), ids.eol, forced)
+        for offset, token in ((1, ids.eof), (2, ids.eoi), (3, ids.eos)):
+            forced = torch.where(pos == end + offset, token, forced)
+        return torch.where(pos > end + 3, ids.pad, forced)
+
+    def allowed(self, state: GridState) -> torch.Tensor:
+        """[N, vocab] mask of the tokens each sequence may emit next."""
+        forced = self.forced(state)
+        free_text = ((state.pos == 0) & (state.head < 0))[:, None]
+        return torch.where(free_text, ~self.visual, torch.where((forced < 0)[:, None], self.visual, self.col == forced[:, None]))
+
+    def advanced(self, state: GridState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``head`` and ``pos`` after each sequence emitted ``tokens[n]``."""
+        entered = tokens == self.ids.img
+        head = torch.where(entered, -1, torch.where(state.head >= 0, state.head + 1, torch.where(tokens == self.ids.boi, 1, -1)))
+        return head, torch.where(state.pos > 0, state.pos + 1, entered.long())
+
+
+def grid_header(layout: Layout, grid: tuple[int, int]) -> list[int]:
+    """BOI, the tokens of "H*W" and IMG: what the constraint forces once a sequence opens its image."""
+    rows, cols = grid
+    return [layout.ids.boi, *layout.text(f"{rows}*{cols}"), layout.ids.img]
+
 
 class GridConstraint:
-    """Per-sequence state machine forcing an H×W image block; O(1) state update per token.
+    """The grid constraint over one batch of sequences, state updated in place (O(1) per token).
 
-    ``header[i]`` is BOI, the digits of "H*W" and IMG for sequence ``i``; ``head[i]`` points at the next header
-    token to force (-1: free text before the image); ``pos[i]`` counts tokens since IMG (0: not in the image).
-    The state is updated in place, so a captured CUDA graph that reads and writes it stays valid.
+    A prompt that ends inside the header (e.g. the prefill "<|image start|>8*8") continues it. The state
+    tensors are updated in place, so a captured CUDA graph that reads and writes them stays valid.
     """
 
     def __init__(self, ids: SpecialIds, grids: torch.Tensor, headers: list[list[int]], prompts: list[list[int]], vocab_size: int):
-        self.ids = ids
         device = grids.device
-        self.rows, self.cols = grids[:, 0], grids[:, 1]
+        self.rule = GridRule(ids, vocab_size, device)
         width = max(map(len, headers))
-        self.header = torch.tensor([h + [ids.pad] * (width - len(h)) for h in headers], device=device)
-        # a prompt that ends inside the header (e.g. the prefill "<|image start|>8*8") continues it
-        self.head = torch.tensor([_continued(p, h) for p, h in zip(prompts, headers)], device=device)
-        self.pos = torch.zeros(len(grids), dtype=torch.long, device=device)
-        col = torch.arange(vocab_size, device=device)
-        self.visual = (col >= ids.visual_base) & (col < ids.visual_base + ids.codebook_size)
-        self.col = col
+        self.state = GridState(
+            header=torch.tensor([h + [ids.pad] * (width - len(h)) for h in headers], device=device),
+            head=torch.tensor([continued(p, h) for p, h in zip(prompts, headers)], device=device),
+            pos=torch.zeros(len(grids), dtype=torch.long, device=device),
+            rows=grids[:, 0],
+            cols=grids[:, 1],
+        )
 
     def forced(self) -> torch.Tensor:
-        """The token each sequence must emit next, or -1 where any visual code (or, before the image, any text) may."""
-        width, end = self.cols + 1, (self.cols + 1) * self.rows
-        pos = self.pos
-        forced = torch.where(self.head >= 0, self.header.gather(1, self.head.clamp(min=0)[:, None]).squeeze(1), -1)
-        forced = torch.where((pos > 0) & (pos % width == 0) & (pos <= end), self.ids.eol, forced)
-        for offset, token in ((1, self.ids.eof), (2, self.ids.eoi), (3, self.ids.eos)):
-            forced = torch.where(pos == end + offset, token, forced)
-        return torch.where(pos > end + 3, self.ids.pad, forced)
+        return self.rule.forced(self.state)
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """Set the logits of every disallowed token to -inf, in place."""
-        forced = self.forced()
-        free_text = ((self.pos == 0) & (self.head < 0))[:, None]
-        allowed = torch.where(
-            free_text, ~self.visual, torch.where((forced < 0)[:, None], self.visual, self.col == forced[:, None])
-        )
-        return logits.masked_fill_(~allowed, float("-inf"))
+        return logits.masked_fill_(~self.rule.allowed(self.state), float("-inf"))
 
     def advance(self, tokens: torch.Tensor) -> None:
         """Move every sequence past its just-sampled token."""
-        entered = tokens == self.ids.img
-        in_header = self.head >= 0
-        self.head.copy_(torch.where(entered, -1, torch.where(in_header, self.head + 1, torch.where(tokens == self.ids.boi, 1, -1))))
-        self.pos.copy_(torch.where(self.pos > 0, self.pos + 1, entered.long()))
+        head, pos = self.rule.advanced(self.state, tokens)
+        self.state.head.copy_(head)
+        self.state.pos.copy_(pos)
 
 
-def _continued(prompt: list[int], header: list[int]) -> int:
+def continued(prompt: list[int], header: list[int]) -> int:
     """Index of the next header token if ``prompt`` ends with a (non-empty) prefix of ``header``, else -1."""
     for k in range(len(header) - 1, 0, -1):
         if prompt[-k:] == header[:k]:
             return k
     return -1
+
+
+@dataclass(frozen=True)
+class GridRequest:
+    """One sequence's grid constraint as plain data: what travels with a vllm request in
+    ``SamplingParams.extra_args[GRID_ARG]`` (vLLM's per-request custom arguments)."""
+
+    rows: int
+    cols: int
+    header: list[int]  # grid_header(layout, (rows, cols))
+    head: int  # continued(prompt, header): where the prompt leaves the header
+
+    @classmethod
+    def of(cls, layout: Layout, prompt: list[int], grid: tuple[int, int]) -> GridRequest:
+        header = grid_header(layout, grid)
+        return cls(int(grid[0]), int(grid[1]), header, continued(prompt, header))
+
+    def to_args(self) -> dict:
+        return {"rows": self.rows, "cols": self.cols, "header": list(self.header), "head": self.head}
+
+    @classmethod
+    def from_args(cls, args: dict) -> GridRequest:
+        """Read :meth:`to_args`' dict back; ValueError (vLLM's way of refusing a request) if it is not one."""
+        try:
+            request = cls(int(args["rows"]), int(args["cols"]), [int(t) for t in args["header"]], int(args["head"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{GRID_ARG}: expected rows, cols, header and head, got {args!r}") from error
+        if request.rows < 1 or request.cols < 1 or not 2 <= len(request.header) <= HEADER_WIDTH or request.head >= len(request.header):
+            raise ValueError(f"{GRID_ARG}: not a grid constraint: {args!r}")
+        return request
+
+
+GRID_ARG = "earl_grid"  # the SamplingParams.extra_args key of a GridRequest
+HEADER_WIDTH = 16  # room for BOI, the tokens of "H*W" and IMG (6 for a 64×64 grid with Emu3's tokenizer)
+
+
+class GridSlots:
+    """The grid constraint over a pool of request slots that sequences enter and leave: the shape of a vLLM
+    batch-level logits processor (``vllm_engine.GridLogitsProcessor`` is a thin shell around it).
+
+    A sequence is added to a slot (:meth:`add`, staged on the host) and the staged slots reach the device in
+    :meth:`flush`, once per step. Each step, :meth:`fold` moves every slot past the tokens its sequence
+    produced since the last step, read from the engine's token history: one token per decode step, several
+    after a preempted request is recomputed, none during prefill. :meth:`mask_` then masks each logits row by
+    its slot's state. Slots whose sequence has no constraint are left alone.
+    """
+
+    def __init__(self, rule: GridRule, slots: int):
+        self.rule = rule
+        device = rule.col.device
+        self.state = GridState(
+            header=torch.full((slots, HEADER_WIDTH), rule.ids.pad, dtype=torch.long, device=device),
+            head=torch.full((slots,), -1, dtype=torch.long, device=device),
+            pos=torch.zeros(slots, dtype=torch.long, device=device),
+            rows=torch.ones(slots, dtype=torch.long, device=device),
+            cols=torch.ones(slots, dtype=torch.long, device=device),
+        )
+        self.enabled = np.zeros(slots, dtype=bool)
+        self.folded = np.zeros(slots, dtype=np.int64)  # tokens of each slot's sequence already in its state
+        self.staged: dict[int, GridRequest] = {}
+
+    def add(self, slot: int, request: GridRequest | None) -> bool:
+        """A new sequence in ``slot`` (its previous occupant is forgotten); returns whether it is constrained."""
+        self.enabled[slot] = request is not None
+        self.folded[slot] = 0
+        self.staged.pop(slot, None)
+        if request is not None:
+            self.staged[slot] = request
+        return request is not None
+
+    def flush(self) -> None:
+        """Write the staged sequences' initial states to the device."""
+        if not self.staged:
+            return
+        pad, device = self.rule.ids.pad, self.state.head.device
+        slots = torch.tensor(list(self.staged), device=device)
+        requests = list(self.staged.values())
+        initial = GridState(
+            header=torch.tensor([r.header + [pad] * (HEADER_WIDTH - len(r.header)) for r in requests], device=device),
+            head=torch.tensor([r.head for r in requests], device=device),
+            pos=torch.zeros(len(requests), dtype=torch.long, device=device),
+            rows=torch.tensor([r.rows for r in requests], device=device),
+            cols=torch.tensor([r.cols for r in requests], device=device),
+        )
+        for current, value in zip(self.state, initial):
+            current.index_copy_(0, slots, value)
+        self.staged.clear()
+
+    def fold(self, slots: np.ndarray, produced: np.ndarray, history: torch.Tensor, starts: np.ndarray) -> None:
+        """Advance each constrained ``slots[b]`` to ``produced[b]`` generated tokens, the ``j``-th of which is
+        ``history[slot, starts[b] + j]`` (vLLM: its token history and prompt lengths)."""
+        keep = self.enabled[slots]
+        slots, produced, starts = slots[keep], np.maximum(produced[keep], 0), starts[keep]
+        done = self.folded[slots]
+        device = self.state.head.device
+        for step in range(int((produced - done).max(initial=0))):
+            move = done + step < produced
+            at = torch.as_tensor(slots[move], device=device)
+            tokens = history[at, torch.as_tensor(starts[move] + done[move] + step, device=device)].long()
+            head, pos = self.rule.advanced(GridState(*(t[at] for t in self.state)), tokens)
+            self.state.head[at], self.state.pos[at] = head, pos
+        self.folded[slots] = np.maximum(done, produced)
+
+    def mask_(self, logits: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+        """Set to -inf, in place, every token that row ``b``'s sequence (in ``slots[b]``) may not emit next."""
+        rows = np.flatnonzero(self.enabled[slots])
+        if len(rows) == 0:
+            return logits
+        device = logits.device
+        at = torch.as_tensor(slots[rows], device=device)
+        allowed = self.rule.allowed(GridState(*(t[at] for t in self.state)))
+        rows_t = torch.as_tensor(rows, device=device)
+        logits[rows_t] = logits[rows_t].masked_fill(~allowed, float("-inf"))
+        return logits
 
 
 _MASK32 = 0xFFFFFFFF
@@ -213,6 +390,9 @@ class HFEngine:
         self.model, self.layout, self.ids, self.batch_size = model, layout, layout.ids, batch_size
         self.cuda_graph, self.prefill_tokens = cuda_graph, prefill_tokens
 
+    def sync_weights(self) -> None:
+        """Nothing to push: this engine samples with the very module the optimizer updates."""
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], grids: list[tuple[int, int]], params: SamplingParams, seeds: list[int] | None = None
@@ -221,8 +401,9 @@ class HFEngine:
 
         ``seeds[i]`` seeds sequence ``i``'s sampler (default: ``params.seed + i``; taken modulo 2**32).
         """
-        seeds = [params.seed + i for i in range(len(prompts))] if seeds is None else seeds
-        seeds = [int(s) % (1 << 32) for s in seeds]
+        if params.top_p != 1.0:
+            raise ValueError(f"top_p={params.top_p}: the built-in engine has no top-p sampling (engine: vllm has)")
+        seeds = sequence_seeds(params, len(prompts), seeds)
         with _engine_attention(self.model):
             parts = [
                 self._batch(prompts[i : i + self.batch_size], grids[i : i + self.batch_size], params, seeds[i : i + self.batch_size])
@@ -250,7 +431,7 @@ class HFEngine:
         ids, mask = ids.to(device), mask.to(device)
         position = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=model.config, max_cache_len=total)
-        headers = [[self.ids.boi, *self.layout.text(f"{h}*{w}"), self.ids.img] for h, w in grids]
+        headers = [grid_header(self.layout, grid) for grid in grids]
         constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
         chunk = max(1, self.prefill_tokens // n)
         for start in range(0, longest, chunk):
@@ -322,3 +503,42 @@ def _captured(step) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+def sequence_seeds(params: SamplingParams, count: int, seeds: list[int] | None) -> list[int]:
+    """Each sequence's seed, in [0, 2**32): ``seeds`` as given, or ``params.seed + i`` for sequence ``i``."""
+    seeds = [params.seed + i for i in range(count)] if seeds is None else seeds
+    return [int(s) % (1 << 32) for s in seeds]
+
+
+def check_engine(kind: str, top_p: float, section: str) -> None:
+    """Refuse, in one line and before any work, sampling settings that this environment's engine cannot honour.
+
+    The vllm engine needs vLLM, which pins its own torch and transformers and ships CUDA wheels only, so it
+    lives in its own environment; a step run elsewhere with ``engine: vllm`` stops here instead of deep
+    inside training.
+    """
+    if kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"{section}.engine: 'vllm' needs the vllm package, which is not installed here; "
+            "run the step in the vllm environment (envs/vllm.yaml, containers/vllm)"
+        )
+    if kind == "hf" and top_p != 1.0:
+        raise ConfigError(f"{section}.top_p: {top_p} needs engine: vllm (the built-in engine has no top-p sampling)")
+
+
+def make_engine(kind: str, layout: Layout, model_dir: Path, batch_size: int, gpu_memory_utilization: float,
+                max_model_len: int | None = None, policy: torch.nn.Module | None = None, device: str = "cpu"):
+    """The rollout engine ``kind`` (``rl.engine``, ``evaluate.engine``) for the model saved in ``model_dir``.
+
+    ``policy``: the module being trained (rl), which the engine samples from after each ``sync_weights()``;
+    without it the engine only reads ``model_dir`` (evaluate), and the built-in engine loads it on ``device``.
+    ``batch_size`` is the built-in engine's; ``gpu_memory_utilization`` and ``max_model_len`` are vLLM's.
+    """
+    if kind == "vllm":
+        from earl.vllm_engine import VLLMEngine  # importable only in the vllm environment (check_engine)
+
+        return VLLMEngine(model_dir, layout, gpu_memory_utilization, max_model_len, policy)
+    if policy is None:
+        policy = load_checked(Emu3ForCausalLM, model_dir).to(device).eval()  # in the dtype it was saved in
+    return HFEngine(policy, layout, batch_size)

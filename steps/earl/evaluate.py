@@ -7,7 +7,7 @@ One evaluator for every benchmark (the original had six copy-pasted scripts, spe
 says which tokenized rows, how they are sampled and how they are labelled; everything else is shared.
 
     rows     ← the benchmark's parts, concatenated; shuffle(sample_seed).select(range(sample)) when sampled
-    edits    ← samples_per_prompt edits per row from the RL step's rollout engine, prompt prefilled with the
+    edits    ← samples_per_prompt edits per row from the rollout engine (evaluate.engine), prompt prefilled with the
                header (``<|image start|>H*W``, §D.3), T and top-k as configured, grid constraint on; sequence
                (row k, sample j) is seeded by ``seed + k·samples_per_prompt + j``, so results do not depend on
                batching, and two models see the same random numbers (a paired comparison)
@@ -34,14 +34,13 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
-from transformers import Emu3ForCausalLM
 
 from earl import artifacts, heldout, layout as layout_mod
 from earl.cli_util import run_step
 from earl.config import Config, ConfigError
-from earl.engine import HFEngine, SamplingParams
+from earl.engine import SamplingParams, check_engine, make_engine
 from earl.judge import AnswerCache, check_judge, make_judge, served
-from earl.models import load_checked, load_vq
+from earl.models import load_vq
 from earl.sft import load_tokenized
 from earl.stats import mean_ci
 from earl.text_tokenizer import load_text_tokenizer
@@ -81,7 +80,8 @@ def evaluate_chunk(config: Config, benchmark: str, rows: list[dict], first: int,
     n = spec.samples_per_prompt
     repeated = [row for row in rows for _ in range(n)]
     seeds = [spec.seed + (first + k) * n + j for k in range(len(rows)) for j in range(n)]
-    params = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature, top_k=spec.top_k, seed=spec.seed)
+    params = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature, top_k=spec.top_k, seed=spec.seed,
+                            top_p=spec.top_p)
     images = heldout.edit_rows(engine, layout, vq, repeated, spec.assistant_prefill, params, seeds)
     scores = [None] * len(repeated)
     by_part = defaultdict(list)
@@ -139,13 +139,12 @@ def build(config: Config, out: Path, experiment: str, benchmark: str) -> None:
     torch.set_num_threads(spec.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = paths.model(experiment)
-    model = load_checked(Emu3ForCausalLM, model_dir).to(device).eval()  # in the dtype it was saved in
     layout = layout_mod.Layout(load_text_tokenizer(paths.text_tokenizer()), artifacts.read_manifest(paths.vq())["codebook_size"])
     vq = load_vq(paths.vq()).to(device)
     bench = config.benchmarks[benchmark]
     cache = AnswerCache(Path(config.results) / "cache" / "judge")
     rows = benchmark_rows(config, benchmark)
-    engine = HFEngine(model, layout, spec.batch_size)
+    engine = make_engine(spec.engine, layout, model_dir, spec.batch_size, spec.vllm_gpu_memory_utilization, device=device)
     per_chunk = max(1, spec.batch_size // spec.samples_per_prompt)
     with artifacts.artifact_dir(out) as work, served(spec.judge, work / "judge_server.log", "evaluate.judge"):
         judges = {i: make_judge(spec.judge, config.datasets[p.dataset].source, "evaluate.judge", cache) for i, p in enumerate(bench.parts)}
@@ -180,13 +179,13 @@ def build(config: Config, out: Path, experiment: str, benchmark: str) -> None:
 
 
 def check(config: Config, out: Path, experiment: str, benchmark: str) -> None:
-    """One-line errors for a wrong name, an unimplemented engine, a judge without an endpoint or a missing input."""
+    """One-line errors for a wrong name, an engine this environment cannot run, a judge without an endpoint or a
+    missing input."""
     if experiment not in config.experiments:
         raise ConfigError(f"--experiment {experiment!r} is not in config.experiments ({sorted(config.experiments)})")
     if benchmark not in config.benchmarks_of(experiment):
         raise ConfigError(f"--benchmark {benchmark!r} is not a benchmark of experiment {experiment!r} ({config.benchmarks_of(experiment)})")
-    if config.evaluate.engine != "hf":
-        raise ConfigError(f"evaluate.engine: {config.evaluate.engine!r} is not implemented yet; the built-in engine is 'hf'")
+    check_engine(config.evaluate.engine, config.evaluate.top_p, "evaluate")
     check_judge(config.evaluate.judge, [config.datasets[p.dataset].source for p in config.benchmarks[benchmark].parts], "evaluate.judge")
     paths = artifacts.Paths(config)
     needed = [paths.model(experiment), paths.vq(), paths.text_tokenizer(), *(paths.tokenized(p.dataset) for p in config.benchmarks[benchmark].parts)]

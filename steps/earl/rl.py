@@ -36,7 +36,7 @@ from transformers import Emu3ForCausalLM, GenerationConfig
 from earl import artifacts, heldout, layout as layout_mod
 from earl.cli_util import run_distributed
 from earl.config import Config, ConfigError
-from earl.engine import HFEngine, SamplingParams
+from earl.engine import SamplingParams, check_engine, make_engine
 from earl.grpo import group_advantages, grpo_loss, token_logprobs
 from earl.models import fingerprint, load_checked, load_vq
 from earl.judge import check_judge, make_judge, served
@@ -90,13 +90,16 @@ def batch_tensors(prompts: list[list[int]], completions: list[list[int]], pad: i
 
 
 def world() -> tuple[int, int]:
+    """This worker's rank and the number of workers; several workers join one group, gloo for the metrics (CPU
+    tensors) and NCCL for the gradients on GPUs. A vllm engine built later in the worker shares the group."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
+    """Sum over workers. One worker has nothing to add, even where the vllm engine made it a group of one."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
     return values
 
@@ -126,9 +129,9 @@ def save_checkpoint(work: Path, iteration: int, policy, optimizer, rank: int) ->
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def heldout_reward(config: Config, model, layout, vq, rows_by_name, rewards_of: dict) -> dict[str, list[heldout.Sample]]:
-    """Greedy held-out edits of the pool's datasets, scored by the training reward (same code as SFT's check)."""
-    engine = HFEngine(model, layout, config.rl.rollout_batch_size)
+def heldout_reward(config: Config, engine, layout, vq, rows_by_name, rewards_of: dict) -> dict[str, list[heldout.Sample]]:
+    """Greedy held-out edits of the pool's datasets by the rollout engine's current weights, scored by the
+    training reward (same code as SFT's check)."""
     params = SamplingParams(max_tokens=config.rl.max_response_tokens, temperature=0.0)
     return {
         name: heldout.score_edits(rewards_of[name], vq, rows, heldout.edit_rows(engine, layout, vq, rows, config.evaluate.assistant_prefill, params))
@@ -150,7 +153,7 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
     prompts = [p for p in prompts for _ in range(group)]
     grids = [g for g in grids for _ in range(group)]
     policy.eval()
-    params = SamplingParams(spec.max_response_tokens, spec.temperature, spec.top_k, spec.grid_constraint)
+    params = SamplingParams(spec.max_response_tokens, spec.temperature, spec.top_k, spec.grid_constraint, top_p=spec.top_p)
     # each sample's seed names (iteration, prompt, sample), so any number of ranks samples the same completions
     seeds = [int(np.random.SeedSequence([spec.seed, iteration, k, j]).generate_state(1)[0]) for k in mine for j in range(group)]
     rollouts = engine.generate(prompts, grids, params, seeds)
@@ -194,6 +197,7 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
             all_sum(p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), spec.max_grad_norm)
     optimizer.step()
+    engine.sync_weights()  # the next rollouts sample from the updated policy
 
     groups = rewards.view(-1, group)
     flat = (groups.max(1).values - groups.min(1).values) < 1e-6
@@ -231,7 +235,8 @@ def train(config: Config, out: Path, experiment: str) -> None:
     vq = load_vq(paths.vq()).to(device)
     pool = Pool(config, stage, layout)
     rewards_of = {name: make_reward(config, name) for name in stage.datasets}
-    engine = HFEngine(policy, layout, spec.rollout_batch_size)
+    engine = make_engine(spec.engine, layout, sft_dir, spec.rollout_batch_size, spec.vllm_gpu_memory_utilization,
+                         spec.model_context_size, policy)
     held = {}
     for name in stage.datasets:
         rows = load_tokenized(config, name, spec.heldout_split)
@@ -240,16 +245,17 @@ def train(config: Config, out: Path, experiment: str) -> None:
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     start, before = 0, None
+    if rank == 0 and (work / "heldout_sft.json").exists():
+        before = {n: [heldout.Sample(**s) for s in v] for n, v in json.loads((work / "heldout_sft.json").read_text()).items()}
+    elif rank == 0:  # the engine still samples from the SFT weights
+        before = heldout_reward(config, engine, layout, vq, held, rewards_of)
+        artifacts.write_text_atomic(work / "heldout_sft.json", json.dumps({n: heldout.records(v) for n, v in before.items()}))
     if (last := latest_checkpoint(work)) is not None:
         state = torch.load(last / "state.pt", map_location=device, weights_only=True)
         policy.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        engine.sync_weights()
         start = json.loads((last / "state.json").read_text())["next_iteration"]
-    if rank == 0 and (work / "heldout_sft.json").exists():
-        before = {n: [heldout.Sample(**s) for s in v] for n, v in json.loads((work / "heldout_sft.json").read_text()).items()}
-    elif rank == 0:
-        before = heldout_reward(config, reference, layout, vq, held, rewards_of)
-        artifacts.write_text_atomic(work / "heldout_sft.json", json.dumps({n: heldout.records(v) for n, v in before.items()}))
     if rank == 0:
         forget_after(work / "metrics.csv", start)  # rows a killed run logged after its last checkpoint
     writer = SummaryWriter(str(work / "tensorboard")) if rank == 0 else None
@@ -258,7 +264,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     for iteration in bar:
         metrics = iteration_step(config, pool, iteration, policy, reference, optimizer, engine, vq, rewards_of, rank, size)
         if rank == 0 and spec.eval_every and (iteration + 1) % spec.eval_every == 0:
-            report = heldout_reward(config, policy, layout, vq, held, rewards_of)
+            report = heldout_reward(config, engine, layout, vq, held, rewards_of)
             metrics["heldout_reward"] = float(np.mean([s.overall for samples in report.values() for s in samples]))
         if rank == 0:
             log_metrics(work / "metrics.csv", writer, metrics)
@@ -268,7 +274,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     if rank != 0:
         return
     writer.close()
-    after = heldout_reward(config, policy, layout, vq, held, rewards_of)
+    after = heldout_reward(config, engine, layout, vq, held, rewards_of)
     policy.save_pretrained(work)
     tokenizer.save_pretrained(work)
     GenerationConfig(bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos, pad_token_id=layout.ids.pad).save_pretrained(work)
@@ -333,8 +339,7 @@ def check(config: Config, out: Path, experiment: str) -> int:
     for directory in [paths.sft(experiment), *(paths.tokenized(n) for n in stage.datasets), paths.vq(), paths.text_tokenizer()]:
         artifacts.read_manifest(directory)
     check_judge(config.rl.reward, [config.datasets[n].source for n in stage.datasets], "rl.reward")
-    if config.rl.engine != "hf":
-        raise ConfigError(f"rl.engine: {config.rl.engine!r} is not implemented yet; the built-in engine is 'hf'")
+    check_engine(config.rl.engine, config.rl.top_p, "rl")
     return config.rl.num_processes
 
 

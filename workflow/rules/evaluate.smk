@@ -9,9 +9,9 @@ rule evaluate:
     log:
         f"{LOGS}/evaluate/{{run}}.log",
     conda:
-        conda_env("evaluate")
+        conda_env("vllm" if CFG.evaluate.engine == "vllm" else "evaluate")
     container:
-        container_image("evaluate")
+        container_image("vllm" if CFG.evaluate.engine == "vllm" else "evaluate")
     threads: CFG.evaluate.threads
     resources:
         gpu=CFG.evaluate.gpus + judge_gpus(CFG.evaluate.judge),
