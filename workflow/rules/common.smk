@@ -134,3 +134,19 @@ def evaluate_inputs(wildcards):
         "tokenizer": str(PATHS.text_tokenizer()),
         "vq": str(PATHS.vq()),
     }
+
+
+def report_inputs(wildcards=None):
+    """Every directory earl.report reads: evaluations, each SFT stage (curves.csv), each RL run (metrics.csv)."""
+    experiments = {e for e, _ in EVAL_RUNS.values()}
+    return {
+        "evaluations": [str(PATHS.evaluate(e, b)) for e, b in EVAL_RUNS.values()],
+        "sft": sorted(
+            {
+                str(PATHS.sft(e, stage))
+                for e in experiments
+                for stage in range(len(CFG.experiments[e].sft))
+            }
+        ),
+        "rl": sorted({str(PATHS.rl(e)) for e in experiments if CFG.experiments[e].rl}),
+    }

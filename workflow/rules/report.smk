@@ -2,22 +2,6 @@
 # `snakemake --report report.html` catalogues its figures and tables (captions: workflow/report/).
 
 
-def report_inputs(wildcards=None):
-    """Every directory earl.report reads: evaluations, each SFT stage (curves.csv), each RL run (metrics.csv)."""
-    experiments = {e for e, _ in EVAL_RUNS.values()}
-    return {
-        "evaluations": [str(PATHS.evaluate(e, b)) for e, b in EVAL_RUNS.values()],
-        "sft": sorted(
-            {
-                str(PATHS.sft(e, stage))
-                for e in experiments
-                for stage in range(len(CFG.experiments[e].sft))
-            }
-        ),
-        "rl": sorted({str(PATHS.rl(e)) for e in experiments if CFG.experiments[e].rl}),
-    }
-
-
 rule report:
     input:
         unpack(report_inputs),
