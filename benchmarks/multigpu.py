@@ -16,9 +16,12 @@ under ``--work``. Every run's config is ``--config`` plus an overlay of ``benchm
 * ``sft_small``: the same with ``sft_small_1gpu.yaml`` (8 layers, one process, 2 accumulation steps, so every
   optimizer step sees the same 64 rows as the N-GPU run's), for the loss trend and per-GPU throughput.
 * ``rl``: ``rl.yaml`` (``rl.num_processes`` ranks) uninterrupted; the same killed (SIGKILL of the whole process
-  tree) once ``kill_after``'s checkpoint exists and run again, which resumes; and the same on one rank.
+  tree) once a checkpoint half-way exists and run again, which resumes; and the same on one rank. ``--rl-runs``
+  picks among the three; ``--previous SUMMARY`` adds the runs of an earlier call (a 1-GPU machine, say) to the
+  comparisons: metrics of the resumed and 1-rank runs against the uninterrupted one, speed-up and scaling.
 
-``--set KEY=VALUE ...`` is added to every step's config (e.g. tiny sizes for a CPU rehearsal). Results:
+NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``, ``NVSHMEM_DISABLE_NVLS=1``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``
+unless set). ``--set KEY=VALUE ...`` is added to every step's config (e.g. tiny sizes for a CPU rehearsal). Results:
 ``summary.json`` and ``runs.tar.gz`` (logs, curves, metrics, manifests) in ``--out``, a table on stdout.
 """
 
@@ -257,10 +260,10 @@ def run_rl(args) -> dict:
         if code == 0:
             manifest = json.loads((out / "manifest.json").read_text())
             rows = read_csv(out / "metrics.csv")
-            times = [float(r["step_time"]) for r in rows[2:]]  # the first two iterations warm up
+            steady = rows[2:] or rows  # the first two iterations warm up
             record.update(world_size=manifest["world_size"], peak_gpu_memory_gib=manifest.get("peak_gpu_memory_gib"),
-                          iterations=len(rows), step_s_median=statistics.median(times) if times else None,
-                          rollout_tokens_per_s_median=statistics.median(float(r["rollout_tokens_per_second"]) for r in rows[2:]) if times else None,
+                          iterations=len(rows), step_s_median=statistics.median(float(r["step_time"]) for r in steady),
+                          rollout_tokens_per_s_median=statistics.median(float(r["rollout_tokens_per_second"]) for r in steady),
                           heldout=manifest["heldout"]["improvement"]["all"], metrics=rows)
         print(json.dumps({k: v for k, v in record.items() if k != "metrics"}), flush=True)
         return record
@@ -314,9 +317,10 @@ def main() -> None:
     if args.allreduce:
         allreduce()
         return
-    for name in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS"):  # no NVLink multicast (KINDS.md of the GPU machines)
-        os.environ.setdefault(name, "0" if name.startswith("NCCL") else "1")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    if None in (args.results, args.work, args.out):
+        parser.error("--results, --work and --out are required")
+    for name, value in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+        os.environ.setdefault(name, value)  # no NVLink multicast on shared GPU hosts
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "steps"), os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, str(REPO / "steps"))
     args.results, args.work = args.results.resolve(), args.work.resolve()
