@@ -133,10 +133,21 @@ def kill_step_when(name: str, config: str, out, ready, *extra: str, timeout: flo
                    timeout=timeout)
 
 
-@pytest.fixture
-def server():
-    httpd = fake_judge.make_server(0, fault_rate=0.3)
+def serve(**kwargs):
+    httpd = fake_judge.make_server(0, **kwargs)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()
+
+
+@pytest.fixture
+def server():
+    yield from serve(fault_rate=0.3)
+
+
+@pytest.fixture
+def scoring_server():
+    """A judge without faults whose scores depend on the edited image: GRPO gets a learning signal in every
+    iteration (a test-size model's edits all score 0 with the verifier), the same on any number of ranks."""
+    yield from serve(fault_rate=0.0, by_image=True)

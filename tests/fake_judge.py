@@ -7,6 +7,7 @@ start themselves (``python tests/fake_judge.py --port N``): a real HTTP server, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import threading
 import time
@@ -16,7 +17,9 @@ import numpy as np
 
 
 class FakeJudge(BaseHTTPRequestHandler):
-    """Scores [8, 6] for SC questions and [9, 7] for PQ ones; a seeded 30 % of requests get a fault."""
+    """Scores [8, 6] for SC questions and [9, 7] for PQ ones, or (``by_image``) scores drawn from a hash of the
+    edited image, so that samples of a group differ as a real judge's would; a seeded share of requests (the
+    ``fault_rate``) get a fault."""
 
     faults = ("timeout", "http500", "prose", "one_score")
 
@@ -38,6 +41,9 @@ class FakeJudge(BaseHTTPRequestHandler):
             self.end_headers()
             return
         scores = [8, 6] if images == 2 else [9, 7]
+        if server.by_image:  # the edited image is the last one; the same image always gets the same scores
+            digest = hashlib.sha256(content[-1]["image_url"]["url"].encode()).digest()
+            scores = [digest[0] % 11, digest[1] % 11] if images == 2 else [digest[2] % 11, digest[3] % 11]
         text = {"prose": "The edit looks good to me.", "one_score": json.dumps({"score": [8]})}.get(
             fault, json.dumps({"score": scores, "reasoning": "ok"})
         )
@@ -65,10 +71,10 @@ class FakeJudge(BaseHTTPRequestHandler):
         pass
 
 
-def make_server(port: int, fault_rate: float) -> ThreadingHTTPServer:
+def make_server(port: int, fault_rate: float, by_image: bool = False) -> ThreadingHTTPServer:
     httpd = ThreadingHTTPServer(("127.0.0.1", port), FakeJudge)
     httpd.lock, httpd.requests, httpd.rng = threading.Lock(), 0, np.random.default_rng(0)
-    httpd.fault_rate, httpd.fault_counts = fault_rate, {f: 0 for f in FakeJudge.faults}
+    httpd.fault_rate, httpd.fault_counts, httpd.by_image = fault_rate, {f: 0 for f in FakeJudge.faults}, by_image
     return httpd
 
 

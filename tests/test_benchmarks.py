@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, TINY_MODEL, step
+from earl import artifacts
+from earl.cli_util import read_config
 
 
 def test_sft_benchmark_smoke(tmp_path):
@@ -27,3 +31,32 @@ def test_rollout_benchmark_smoke(tmp_path):
     assert whole and all(r["tokens_per_s"] > 0 and r["well_formed"] == 1.0 for r in whole)
     assert {r["run"] for r in result["runs"]} >= {"engine_eager", "hf_generate"}
     assert result["checks"]["graph_equals_eager_tokens"]
+
+
+@pytest.mark.slow
+def test_multigpu_benchmark_smoke(tiny_pipeline, tmp_path):
+    """benchmarks/multigpu.py on CPU at test size: ZeRO-3 SFT on 2 gloo ranks with the reload check, GRPO on 2
+    ranks, killed and resumed, and on 1 rank (its numbers come from the GPUs)."""
+    root, _, config_file, _ = tiny_pipeline
+    model = {**TINY_MODEL, "vocab_size": 1024}  # replaces the overlay's Emu3 sizes; more ids than the tokenizer's
+    sets = [f"sft.architecture.{k}={v}" for k, v in model.items()] + [
+        "sft.bf16=false", "sft.max_steps=4", "sft.eval_steps=2", "sft.logging_steps=1", "sft.validation_size=4",
+        "sft.per_device_train_batch_size=2", "sft.threads_per_process=1", "sft.quality_check=null",
+        "rl.num_iterations=4", "rl.save_every=2", "rl.threads_per_process=1",
+    ]
+    start = artifacts.Paths(read_config([config_file], sets)).sft("sft_s__rl_sc")  # the RL runs' SFT model
+    assert step("sft", config_file, start, "--experiment", "sft_s__rl_sc", "--set", *sets).returncode == 0
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "multigpu.py"), "--config", config_file, "--results", str(root / "results"),
+         "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--parts", "sft", "rl", "--set", *sets],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    sft = summary["sft"]
+    assert sft["exit"] == 0 and sft["world_size"] == 2 and sft["global_step"] == 4
+    assert sft["reload"]["relative_difference"] < 1e-5  # the published weights give the Trainer's last eval loss
+    rl = summary["rl"]
+    assert all(run["exit"] == 0 for run in rl["runs"].values()) and rl["runs"]["n_resumed"]["killed_exit"] == -9
+    assert all(m["equal"] == 4 for k, m in rl["resumed_vs_uninterrupted"].items() if k != "iterations")
+    assert all(m["max_abs_diff"] < 1e-4 for k, m in rl["one_vs_n_ranks"].items() if k != "iterations")
+    assert (tmp_path / "out" / "runs.tar.gz").is_file()

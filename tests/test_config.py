@@ -66,3 +66,22 @@ def test_later_config_files_and_overrides_win(tmp_path):
     overlay.write_text("tokenize: {shards: 7}\n")
     merged = read_config(["config/config.yaml", str(overlay)], ["results=elsewhere"])
     assert merged.tokenize.shards == 7 and merged.tokenize.workers == 2 and merged.results == "elsewhere"
+
+
+def test_early_stopping_needs_checkpoints():
+    data = copy.deepcopy(DEFAULT)
+    data["sft"]["save_steps"] = None
+    assert cfg.from_dict(data).sft.save_steps is None  # no checkpoints: allowed without early stopping
+    data["sft"]["early_stopping_patience"] = 3
+    assert "early_stopping_patience needs save_steps" in error_of(data)
+
+
+def test_multigpu_benchmark_overlays_are_valid():
+    overlays = ["benchmarks/multigpu/sft_emu3_8b.yaml", "benchmarks/multigpu/sft_small_1gpu.yaml"]
+    big = read_config(["config/config.yaml", overlays[0]], [])
+    small = read_config(["config/config.yaml", *overlays], [])
+    assert big.sft.architecture["num_hidden_layers"] == 32 and small.sft.architecture["num_hidden_layers"] == 8
+    assert big.sft.architecture["vocab_size"] == small.sft.architecture["vocab_size"] == 184622
+    assert big.sft.per_device_train_batch_size * big.sft.num_processes == (
+        small.sft.per_device_train_batch_size * small.sft.num_processes * small.sft.gradient_accumulation_steps)
+    assert read_config(["config/config.yaml", "benchmarks/multigpu/rl.yaml"], []).rl.num_processes == 2

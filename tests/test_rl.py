@@ -58,17 +58,20 @@ def test_rl_runs_grpo_iterations_and_reports_heldout_rewards(sft_done):
     assert held["improvement"]["shapes_s"]["delta"] == pytest.approx(
         held["rl"]["shapes_s"]["overall"] - held["sft"]["shapes_s"]["overall"]
     )
-    before = load_file(str(paths.sft("sft_s__rl_sc") / "model.safetensors"))
-    after = load_file(str(out / "model.safetensors"))
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy moved
 
 
-def test_killed_rl_resumes_to_the_same_weights(sft_done):
+def scored_by_image(server) -> dict:
+    """``rl.reward`` of the judge that scores each edited image differently (conftest's ``scoring_server``)."""
+    return {"kind": "viescore", "model": "by-image", "base_url": f"http://127.0.0.1:{server.server_address[1]}/v1"}  # own cache keys
+
+
+def test_killed_rl_resumes_to_the_same_weights(sft_done, scoring_server):
     root, config_file = sft_done
-    ref_file, ref_paths = rl_config(root, config_file, "rl-ref", save_every=1, eval_every=None, num_iterations=12)
+    judge = scored_by_image(scoring_server)
+    ref_file, ref_paths = rl_config(root, config_file, "rl-ref", save_every=1, eval_every=None, num_iterations=12, reward=judge)
     assert rl(ref_file, ref_paths.rl("sft_s__rl_sc")).returncode == 0
     # the same run, writing elsewhere, killed after its second checkpoint
-    kill_file, paths = rl_config(root, config_file, "rl-kill", save_every=1, eval_every=None, num_iterations=12)
+    kill_file, paths = rl_config(root, config_file, "rl-kill", save_every=1, eval_every=None, num_iterations=12, reward=judge)
     kill_out = root / "rl-killed" / paths.rl("sft_s__rl_sc").name
     partial = kill_out.with_name(kill_out.name + ".partial")
     kill_step_when("rl", kill_file, kill_out, partial / "checkpoints" / "iter_000001" / "state.json",
@@ -80,19 +83,23 @@ def test_killed_rl_resumes_to_the_same_weights(sft_done):
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 
-def test_two_ranks_equal_one_rank(sft_done):
+def test_two_ranks_equal_one_rank(sft_done, scoring_server):
     root, config_file = sft_done
-    one_file, paths = rl_config(root, config_file, "rl-one", num_iterations=2, eval_every=None)
-    two_file, _ = rl_config(root, config_file, "rl-two", num_iterations=2, eval_every=None, num_processes=2)
+    judge = scored_by_image(scoring_server)
+    one_file, paths = rl_config(root, config_file, "rl-one", num_iterations=2, eval_every=None, reward=judge)
+    two_file, _ = rl_config(root, config_file, "rl-two", num_iterations=2, eval_every=None, num_processes=2, reward=judge)
     one_out, two_out = root / "rl-one-out", root / "rl-two-out"
     assert rl(one_file, one_out).returncode == 0
     result = rl(two_file, two_out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert artifacts.read_manifest(two_out)["world_size"] == 2
+    assert all(float(r["zero_spread_groups"]) < 1 and float(r["grad_norm"]) > 0 for r in metrics(one_out))  # a signal
     for a, b in zip(metrics(one_out), metrics(two_out)):
         for key in ("reward_mean", "reward_std", "well_formed", "zero_spread_groups", "loss", "kl", "entropy", "grad_norm"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key
     one, two = load_file(str(one_out / "model.safetensors")), load_file(str(two_out / "model.safetensors"))
+    start = load_file(str(paths.sft("sft_s__rl_sc") / "model.safetensors"))
+    assert any(not torch.equal(start[k], one[k]) for k in start)  # the policy moved
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-6)
 

@@ -82,3 +82,19 @@ def run_distributed(parser: argparse.ArgumentParser, module: str, check: Callabl
         sys.exit(1)  # the worker has printed its own one-line error (or traceback) above
     except ConfigError as error:
         sys.exit(f"error: {error}")
+
+
+def peak_gpu_memory_gib() -> list[float] | None:
+    """Every rank's peak GPU memory so far (``torch.cuda.max_memory_allocated``, GiB), in rank order; a
+    collective, so every rank calls it. None without CUDA."""
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        return None
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if not dist.is_initialized():
+        return [peak]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, peak)
+    return everyone

@@ -181,7 +181,9 @@ class SFT(Section):
 
     model: str | None = Field(description="HF id or path to start from (BAAI/Emu3-Stage1); null: a new model from architecture")
     revision: str | None = None
-    architecture: dict[str, Any] | None = Field(None, description="Emu3TextConfig kwargs of a model trained from scratch")
+    architecture: dict[str, Any] | None = Field(
+        None, description="Emu3TextConfig kwargs of a model trained from scratch; vocab_size defaults to the tokenizer's"
+        " size (a larger one adds rows no token uses, e.g. Emu3's 184,622)")
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine_with_min_lr"
     min_lr: float = 1e-6
@@ -201,7 +203,7 @@ class SFT(Section):
     max_steps: int = Field(-1, description="optimizer steps; -1: num_train_epochs decides")
     early_stopping_patience: int | None = Field(3, description="evaluations without validation-loss improvement")
     eval_steps: int = 100
-    save_steps: int = 100
+    save_steps: int | None = Field(100, ge=1, description="checkpoint every N steps (and at the end); null: none, a killed run starts over")
     save_total_limit: int | None = Field(50, description="checkpoints kept for resuming (spec §B.4 kept 50)")
     logging_steps: int = 10
     report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="W&B optional, never required")
@@ -212,6 +214,12 @@ class SFT(Section):
     deepspeed: str | None = Field("config/deepspeed/zero3.json", description="DeepSpeed config; null: plain DDP")
     quality_check: QualityCheck | None = None
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _best_needs_checkpoints(self) -> SFT:
+        if self.early_stopping_patience is not None and self.save_steps is None:
+            raise ValueError("early_stopping_patience needs save_steps (the best checkpoint is reloaded at the end)")
+        return self
 
 
 class JudgeServer(Section):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers import Emu3ForCausalLM, GenerationConfig
 
 from earl import artifacts, heldout, layout as layout_mod
-from earl.cli_util import run_distributed
+from earl.cli_util import peak_gpu_memory_gib, run_distributed
 from earl.config import Config, ConfigError
 from earl.engine import SamplingParams, check_engine, make_engine
 from earl.grpo import group_advantages, grpo_loss, token_logprobs
@@ -93,6 +93,8 @@ def world() -> tuple[int, int]:
     """This worker's rank and the number of workers; several workers join one group, gloo for the metrics (CPU
     tensors) and NCCL for the gradients on GPUs. A vllm engine built later in the worker shares the group."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -271,6 +273,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
             bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", kl=f"{metrics['kl']:.4f}", refresh=False)
         if (iteration + 1) % spec.save_every == 0 or iteration + 1 == spec.num_iterations:
             save_checkpoint(work, iteration, policy, optimizer, rank)
+    peak_memory = peak_gpu_memory_gib()  # all ranks
     if rank != 0:
         return
     writer.close()
@@ -283,7 +286,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     with artifacts.artifact_dir(out) as work:
         artifacts.write_manifest(
             work, step="rl", config={"rl": spec, "stage": stage}, inputs=inputs, experiment=experiment,
-            fingerprint=fingerprint(saved), iterations=spec.num_iterations, world_size=size,
+            fingerprint=fingerprint(saved), iterations=spec.num_iterations, world_size=size, peak_gpu_memory_gib=peak_memory,
             informative_groups=1.0 - float(np.mean([float(r["zero_spread_groups"]) for r in csv.DictReader((work / "metrics.csv").open())])),
             heldout={
                 "sft": {n: heldout.summarize(v) for n, v in before.items()},

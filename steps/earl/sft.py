@@ -39,11 +39,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 from transformers.trainer_utils import get_last_checkpoint
 
 from earl import artifacts, heldout, layout as layout_mod
-from earl.cli_util import run_distributed
+from earl.cli_util import peak_gpu_memory_gib, run_distributed
 from earl.config import SFT, Config, ConfigError, Stage
 from earl.engine import HFEngine, SamplingParams
 from earl.models import WeightsMismatch, fingerprint, load_checked, load_lm, load_vq
@@ -147,11 +147,22 @@ def start_model(config: Config, tokenizer, ids: layout_mod.SpecialIds, parent: P
             raise ConfigError(f"sft.model: {error}") from None
     if spec.architecture is None:
         raise ConfigError("sft.architecture: required when sft.model is null")
+    architecture = dict(spec.architecture)
+    vocab_size = architecture.pop("vocab_size", len(tokenizer))
+    if vocab_size < len(tokenizer):
+        raise ConfigError(f"sft.architecture.vocab_size: {vocab_size} is smaller than the tokenizer's {len(tokenizer)} ids")
     text_config = Emu3TextConfig(
-        **spec.architecture, vocab_size=len(tokenizer), pad_token_id=ids.pad, bos_token_id=ids.bos,
+        **architecture, vocab_size=vocab_size, pad_token_id=ids.pad, bos_token_id=ids.bos,
         eos_token_id=ids.eos, attention_dropout=spec.dropout,
     )
-    return Emu3ForCausalLM(text_config)
+    # _from_config, not the constructor: under ZeRO-3 (TrainingArguments made first) transformers builds the
+    # model inside deepspeed.zero.Init, so each rank only ever holds its shard, initialised on its own device.
+    # zero.Init asks DeepSpeed's comm for the world size, which accelerate sets up on GPUs but not on CPU.
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        deepspeed.init_distributed()
+    return Emu3ForCausalLM._from_config(text_config)
 
 
 def deepspeed_config(spec: SFT) -> str | None:
@@ -224,8 +235,8 @@ def training_args(spec: SFT, work: Path, use_cpu: bool) -> TrainingArguments:
         max_steps=spec.max_steps,
         eval_strategy="steps",
         eval_steps=spec.eval_steps,
-        save_strategy="steps",
-        save_steps=spec.save_steps,
+        save_strategy="steps" if spec.save_steps else "no",
+        **({"save_steps": spec.save_steps} if spec.save_steps else {}),
         save_total_limit=spec.save_total_limit,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
@@ -303,7 +314,7 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
     codebook_size = artifacts.read_manifest(paths.vq())["codebook_size"]
     layout = layout_mod.Layout(tokenizer, codebook_size)
     work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
+    (work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # every rank lists it below; the Trainer makes it on rank 0 only
 
     args = training_args(spec, work, use_cpu=not torch.cuda.is_available())
     with args.main_process_first(desc="sft examples"):
@@ -320,6 +331,7 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
     # DeepSpeed 0.19 calls collectives torch 2.13 deprecated, ~30 times a step: the log would be all warnings
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     result = trainer.train(resume_from_checkpoint=get_last_checkpoint(str(work / CHECKPOINTS)))
+    peak_memory = peak_gpu_memory_gib()  # all ranks, before the save gathers whole tensors
     trainer.save_model(str(work))  # all ranks: ZeRO-3 gathers the sharded weights
     if not trainer.is_world_process_zero():
         return
@@ -334,7 +346,7 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
             experiment=experiment, fingerprint=fingerprint(saved), parameters=saved.num_parameters(),
             data=data_stats, train=result.metrics, global_step=trainer.state.global_step,
             best_checkpoint=trainer.state.best_model_checkpoint, quality=quality_check(config, this, saved, layout),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)), peak_gpu_memory_gib=peak_memory,
         )
 
 
