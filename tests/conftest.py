@@ -31,6 +31,19 @@ TINY_MODEL = {  # an Emu3ForCausalLM of a few thousand parameters: tests check b
 }
 
 
+def random_emu3(layout, vocab_size: int, **sizes):
+    """A randomly initialised (seed 0) Emu3ForCausalLM of the given sizes that speaks ``layout``'s special ids,
+    without dropout: the model the engine and GRPO tests generate and score with."""
+    import torch
+    from transformers import Emu3ForCausalLM, Emu3TextConfig
+
+    torch.manual_seed(0)
+    return Emu3ForCausalLM(Emu3TextConfig(
+        vocab_size=vocab_size, attention_dropout=0.0, pad_token_id=layout.ids.pad, bos_token_id=layout.ids.bos,
+        eos_token_id=layout.ids.eos, **sizes,
+    ))
+
+
 @pytest.fixture(scope="session")
 def paper_tokenizer():
     """A tokenizer with Emu3's vocabulary structure and size: 151,643 regular tokens, then the specials."""

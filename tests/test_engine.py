@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import Emu3ForCausalLM, Emu3TextConfig
 
+from conftest import random_emu3
 from earl.config import ConfigError
 from earl.engine import (
     GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued, grid_header,
@@ -17,13 +17,9 @@ from earl.layout import Layout
 @pytest.fixture(scope="module")
 def tiny(tiny_tokenizer):
     layout = Layout(tiny_tokenizer, 16)
-    torch.manual_seed(0)
-    config = Emu3TextConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0,
-        pad_token_id=layout.ids.pad, bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos,
-    )
-    return Emu3ForCausalLM(config).eval(), layout
+    model = random_emu3(layout, len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return model.eval(), layout
 
 
 def prompts(layout, n: int, shape=(3, 4)) -> list[list[int]]:

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from transformers import Emu3ForCausalLM, Emu3TextConfig
 
+from conftest import random_emu3
 from earl.grpo import group_advantages, grpo_loss, k3, token_logprobs
 from earl.layout import Layout
 
@@ -55,12 +55,8 @@ def test_loss_is_a_token_mean_over_the_whole_batch():
 
 def test_split_log_softmax_normalises_visual_and_text_tokens_separately(tiny_tokenizer):
     layout = Layout(tiny_tokenizer, 16)
-    torch.manual_seed(0)
-    model = Emu3ForCausalLM(Emu3TextConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.0, pad_token_id=layout.ids.pad,
-        bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos,
-    )).eval()
+    model = random_emu3(layout, len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1).eval()
     base = layout.ids.visual_base
     completion = [base + 3, layout.ids.eol, base + 15, layout.ids.eos]
     input_ids = torch.tensor([[layout.ids.bos, base + 1, base + 2, *completion]])

@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 if not torch.cuda.is_available():
     pytest.skip("vLLM's engine needs a GPU", allow_module_level=True)
 
-from transformers import Emu3ForCausalLM, Emu3TextConfig  # noqa: E402
+from conftest import random_emu3  # noqa: E402
 from vllm import ModelRegistry  # noqa: E402
 
 from earl.engine import HFEngine, SamplingParams  # noqa: E402
@@ -32,13 +32,8 @@ def policy(tiny_tokenizer, tmp_path_factory):
     """A random model whose logits have wide margins (lm_head scaled up), so bf16 rounding in two different
     kernels cannot flip a greedy choice; saved in bf16 as the pipeline's models are."""
     layout = Layout(tiny_tokenizer, 16)
-    torch.manual_seed(0)
-    config = Emu3TextConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, attention_dropout=0.0,
-        pad_token_id=layout.ids.pad, bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos,
-    )
-    model = Emu3ForCausalLM(config).to(torch.bfloat16)
+    model = random_emu3(layout, len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512).to(torch.bfloat16)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     path = tmp_path_factory.mktemp("vllm") / "model"
