@@ -270,6 +270,51 @@ def train_vq(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], cfg,
     return history
 
 
+def cell_patches(img: Image.Image, factor: int) -> np.ndarray:
+    """The exact pixels of each code's ``factor × factor`` cell, as bytes: a [rows, cols] object array."""
+    a = np.asarray(img.convert("RGB"))
+    rows, cols = grid_shape(img.width, img.height, factor)
+    cells = a[: rows * factor, : cols * factor].reshape(rows, factor, cols, factor, 3).swapaxes(1, 2)
+    patches = np.empty((rows, cols), dtype=object)
+    for r in range(rows):
+        for c in range(cols):
+            patches[r, c] = cells[r, c].tobytes()
+    return patches
+
+
+def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image]) -> dict:
+    """Retire every code that stands for the same pixels as a more used code, so equal cells get equal ids.
+
+    The encoder's mid-block attention and GroupNorm see the whole image, so the latent of a cell drifts with
+    what else is in the picture, and dead-code re-seeding hands the spare codes to that drift: a trained default
+    VQ spent ~60-75 codes on each empty background and re-coded half of the cells an edit left untouched, which
+    turns a one-object edit into a rewrite of the whole grid for the model that learns it. Here each code's
+    cells in ``images`` vote for the exact pixel patch it stands for (its most frequent one); among codes that
+    stand for the same patch the most used one stays and the others are moved far outside the latents, so
+    ``encode``'s nearest-code search gives their cells to the survivors. Label-free (pixels only), in place, and
+    a no-op for a VQ whose codes already stand for distinct patches.
+    """
+    factor = vq.spatial_scale_factor
+    votes: dict[int, dict[bytes, int]] = {}
+    for img, grid in zip(images, encode(vq, images)):
+        for code, patch in zip(grid.flat, cell_patches(img, factor).flat):
+            counts = votes.setdefault(int(code), {})
+            counts[patch] = counts.get(patch, 0) + 1
+    survivor: dict[bytes, tuple[int, int]] = {}  # patch -> (uses, code) of its most used code
+    for code, counts in votes.items():
+        patch = max(counts, key=counts.get)
+        survivor[patch] = max(survivor.get(patch, (0, -1)), (sum(counts.values()), code))
+    keep = {code for _, code in survivor.values()}
+    retired = sorted(set(votes) - keep)
+    codebook = vq.quantize.embedding.weight
+    with torch.no_grad():
+        codebook[retired] = RETIRED_SCALE * codebook.abs().max()
+    return {"codes_used": len(votes), "codes_kept": len(keep), "codes_retired": len(retired)}
+
+
+RETIRED_SCALE = 1e3  # retired codes sit this many codebook radii away: never the nearest code of any latent
+
+
 # ----------------------------------------------------------------------------------------------- step
 # python -m earl.vq --config config/config.yaml --out results/vq/<kind>-<hash>
 
@@ -351,6 +396,8 @@ def build(config, out) -> None:
             with tqdm(total=spec.steps, desc="train vq", unit="step", mininterval=5) as bar:
                 history = train_vq(vq, pairs, spec, log=lambda step, m: bar.update() or bar.set_postfix(
                     loss=f"{m['loss']:.4f}", used=m["used"], refresh=False))
+            if spec.merge_synonyms:
+                facts["synonyms"] = merge_synonyms(vq, [img for pair in pairs for img in pair])
             with artifacts.atomic_file(work / "history.csv") as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(history[0]))
                 writer.writeheader()
