@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from earl import layout
 from earl.layout import Layout, MalformedImage
@@ -73,6 +74,32 @@ def test_prompt_prefill_with_header(tiny_tokenizer):
     assert ids[: 1 + len(lay.image_block(src))] == [lay.ids.bos, *lay.image_block(src)]
     assert ids[-4:] == [lay.ids.boi, *lay.text("3*4")]
     assert lay.prompt(src, "go")[-1] == lay.ids.boi  # RL prefill: the model writes the header
+
+
+def test_instruction_fill_fixes_the_source_to_target_distance(tiny_tokenizer, tmp_path):
+    src, tgt = np.zeros((2, 3), int), np.ones((2, 3), int)
+    short, long = "go", "add a green square at row 3, column 5"
+
+    def distances(lay):  # BOI of the source block -> BOI of the target block (SFT), and RL prompt lengths
+        starts = [ids.index(lay.ids.boi, 2) for ids, _ in (lay.sft_example(src, i, tgt) for i in (short, long))]
+        return set(starts), {len(lay.prompt(src, i)) for i in (short, long)}
+
+    plain_sft, plain_rl = distances(Layout(tiny_tokenizer, 16))
+    assert len(plain_sft) == 2 and len(plain_rl) == 2  # Emu3's layout: the distance follows the instruction
+    tiny_tokenizer.save_pretrained(tmp_path / "plain")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    tokenizer.init_kwargs["instruction_tokens"] = 14  # as the text_tokenizer step sets it
+    tokenizer.save_pretrained(tmp_path / "filled")  # the setting travels with the tokenizer
+    lay = Layout(AutoTokenizer.from_pretrained(tmp_path / "filled"), 16)
+    filled_sft, filled_rl = distances(lay)
+    assert len(filled_sft) == 1 and len(filled_rl) == 1
+    ids, labels = lay.sft_example(src, short, tgt)
+    block = 1 + len(lay.image_block(src))
+    assert ids[block:block + 14] == [lay.ids.fill] * (14 - len(lay.text(short))) + lay.text(short)
+    assert labels[:block + 14] == [-100] * (block + 14)
+    assert lay.prompt(src, short)[block:block + 14] == ids[block:block + 14]  # RL and SFT prompts agree
+    with pytest.raises(ValueError, match="more than the tokenizer's instruction_tokens=14"):
+        lay.prompt(src, long + " and then another one at row 1, column 1")
 
 
 def test_parse_completion_after_prefill_and_cot(tiny_tokenizer):

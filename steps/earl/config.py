@@ -139,7 +139,13 @@ class TrainedVQ(Section):
     threads: int = Field(2, ge=1)
 
 
-class BPETokenizer(Section):
+class TextTokenizerBase(Section):
+    instruction_tokens: int | None = Field(
+        None, ge=1, description="left-fill every instruction to this many tokens, so the target block starts a fixed "
+        "distance after the source block (earl.layout.Layout.instruction); saved with the tokenizer; null: Emu3's layout")
+
+
+class BPETokenizer(TextTokenizerBase):
     """A small byte-level BPE trained on the datasets' instructions (and CoT), with Emu3's special tokens."""
 
     kind: Literal["bpe"]
@@ -148,7 +154,7 @@ class BPETokenizer(Section):
     vocab_size: int = Field(ge=300)
 
 
-class PretrainedTokenizer(Section):
+class PretrainedTokenizer(TextTokenizerBase):
     """Emu3's own text tokenizer, read from the checkpoint."""
 
     kind: Literal["pretrained"]

@@ -86,6 +86,8 @@ def build(config: Config, out: Path) -> None:
         else:
             tokenizer = load_text_tokenizer(spec.path, spec.revision, spec.trust_remote_code)
         ids = layout.SpecialIds.from_tokenizer(tokenizer, codebook_size)  # fails early on a non-Emu3 vocabulary
+        if spec.instruction_tokens is not None:  # saved in tokenizer_config.json: every later Layout reads it
+            tokenizer.init_kwargs["instruction_tokens"] = spec.instruction_tokens
         tokenizer.save_pretrained(work)
         artifacts.write_manifest(
             work, step="text_tokenizer", config=spec, inputs=[vq_dir, *paths.generated(getattr(spec, "datasets", []))],
