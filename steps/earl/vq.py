@@ -90,7 +90,7 @@ def pixel_batch(images: list[Image.Image], device: torch.device | str) -> torch.
 
 def _compiled(fn: Callable, compile: bool) -> Callable:
     """``fn`` itself, or its ``torch.compile`` (made once per process; a flag, as compiling the real-size VQ's 2D
-    stacks took 20-45 s per input shape on an H200, which only long runs win back)."""
+    stacks took 16-43 s per stack and input shape on an H200, which only long runs win back)."""
     return _compile(fn) if compile else fn
 
 
