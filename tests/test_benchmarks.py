@@ -33,6 +33,21 @@ def test_rollout_benchmark_smoke(tmp_path):
     assert result["checks"]["graph_equals_eager_tokens"]
 
 
+def test_vq_benchmark_smoke(tmp_path):
+    """benchmarks/tokenize.py vq at test size on CPU: every eager variant, the pipeline helpers, the agreement rows."""
+    args = ["vq", "--device", "cpu", "--tiny", "--px", "32", "--batch", "2", "--images", "4", "--reps", "1", "--compile-batch"]
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tokenize.py"), *args, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "vq_results.json").read_text())["rows"]
+    model = {(r["variant"], r["what"]) for r in rows if r["bench"] == "vq_model"}
+    assert model == {(v, w) for v in ("class", "fold", "fold_cl") for w in ("encode", "decode")}
+    fp32 = next(r for r in rows if r["bench"] == "vq_agreement" and r["dtype"].startswith("fp32"))
+    assert fp32["fold"] == fp32["fold_cl"] == 1.0 and fp32["decode_finite"]
+    assert fp32["decode_rel_diff"]["class_b16~fold"] < 1e-5 and fp32["decode_rel_diff"]["class_b4~fold_cl"] < 1e-5
+    assert len([r for r in rows if r["bench"] == "vq_pipeline"]) == 2
+
+
 @pytest.mark.slow
 def test_multigpu_benchmark_smoke(tiny_pipeline, tmp_path):
     """benchmarks/multigpu.py on CPU at test size: ZeRO-3 SFT on 2 gloo ranks with the reload check, GRPO on 2

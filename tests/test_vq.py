@@ -113,6 +113,79 @@ def test_encode_and_decode_helpers_equal_the_class_methods():
         assert np.array_equal(np.asarray(img), np.asarray(expected))
 
 
+def full_tiny_vq(temporal_downsample_factor: int, seed: int = 0) -> Emu3VQVAE:
+    """A tiny Emu3VQVAE with every part of the real one's computation: temporal down/upsampling and temporal res
+    blocks (BatchNorm with moved running statistics), mid-block attention, 64 codes."""
+    torch.manual_seed(seed)
+    vq = Emu3VQVAE(Emu3VQVAEConfig(
+        codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1, attn_resolutions=[3], hidden_size=32, temporal_downsample_factor=temporal_downsample_factor,
+    )).eval()
+    for module in vq.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return vq
+
+
+@pytest.mark.parametrize("temporal_downsample_factor", [1, 2, 4])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_encode_gives_the_codes_of_the_class(temporal_downsample_factor, memory_format):
+    """The 2D stack once per image instead of once per repeated frame: exactly encode()'s codes."""
+    vq = full_tiny_vq(temporal_downsample_factor)
+    for height, width in [(32, 32), (24, 40), (30, 21)]:
+        pixels = torch.rand(4, 3, height, width) * 2 - 1
+        with torch.no_grad():
+            expected = torch.stack(vq.encode(pixels, image_sizes=torch.tensor([[height, width]] * 4)).image_tokens)
+            codes = V.encode_pixels(vq, pixels, memory_format=memory_format)
+        assert codes.dtype == torch.int64 and codes.shape == (4, height // 8, width // 8)
+        assert torch.equal(codes, expected)
+        assert len(codes.unique()) > 4  # not a degenerate model that maps everything to one code
+
+
+@pytest.mark.parametrize("temporal_downsample_factor", [1, 2, 4])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_decode_gives_the_pixels_of_the_class(temporal_downsample_factor, memory_format):
+    """The 2D stack on frame 0 alone, the frame decode() returns for an image: decode()'s pixels up to rounding."""
+    vq = full_tiny_vq(temporal_downsample_factor, seed=1)
+    codes = torch.randint(0, 64, (3, 4, 5))
+    with torch.no_grad():
+        expected = vq.decode(codes)
+        pixels = V.decode_codes(vq, codes, memory_format=memory_format)
+    assert pixels.shape == expected.shape == (3, 3, 32, 40)
+    assert (pixels - expected).norm() / expected.norm() < 1e-5
+    assert torch.allclose(pixels, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_encode_and_decode_helpers_equal_the_class_with_temporal_layers():
+    """earl.vq.encode/decode (PIL in and out, batched by size) against the class, temporal factor 4."""
+    vq = full_tiny_vq(4, seed=2)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(32, 32)] * 3 + [(24, 40)] * 2]
+    grids = V.encode(vq, images, batch_size=2)
+    decoded = V.decode(vq, grids, batch_size=2)
+    for img, grid, out in zip(images, grids, decoded):
+        pixels = V.to_pixels(img)[None]
+        with torch.no_grad():
+            (expected,) = vq.encode(pixels, image_sizes=torch.tensor([pixels.shape[-2:]])).image_tokens
+            reference = np.asarray(V.to_image(vq.decode(torch.from_numpy(grid)[None])[0]), dtype=np.int16)
+        assert grid.dtype == np.int64 and np.array_equal(grid, expected.numpy())
+        assert np.abs(np.asarray(out, dtype=np.int16) - reference).max() <= 1  # a rounding step at most
+
+
+def test_pixel_batch_is_to_pixels_exactly():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)) for _ in range(3)] + [Image.new("L", (10, 6), 7)]
+    batch = V.pixel_batch(images, "cpu")
+    assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([V.to_pixels(img) for img in images]))
+
+
+def test_to_images_is_to_image_of_each():
+    pixels = torch.rand(3, 3, 5, 7) * 2.4 - 1.2
+    assert [np.asarray(a).tolist() for a in V.to_images(pixels)] == [np.asarray(V.to_image(p)).tolist() for p in pixels]
+
+
 # --------------------------------------------------------------------------------------- objective
 
 

@@ -4,14 +4,18 @@ Emu3 (and EARL) turn an image into an ``rows × cols`` grid of codebook indices 
 downsampling, one code per 8×8 pixel cell. At paper scale the pretrained ``BAAI/Emu3-VisionTokenizer`` is
 loaded; the embedded default trains a small one here. transformers' class only has inference (``encode`` /
 ``decode``), so the VQ-VAE objective below is written over the class's own submodules, mirroring every permute
-and reshape of ``Emu3VQVAE.encode`` / ``decode``: a model trained here is used by the rest of the pipeline
-through the unmodified class, and the codes it was trained on are exactly the codes ``encode`` returns.
+and reshape of ``Emu3VQVAE.encode`` / ``decode``: the codes a model trained here was trained on are exactly the
+codes ``Emu3VQVAE.encode`` returns. The rest of the pipeline encodes and decodes through ``encode`` / ``decode``
+below, which run the unmodified class's submodules and weights but skip the copies of a still image that the
+class's temporal repeat makes (``encode_pixels``, ``decode_codes``): 4× less work for Emu3's tokenizer, the
+class's codes in float32 on CPU (tests/test_vq.py) and, measured in bf16 on an H200, bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 from collections.abc import Callable
 
@@ -22,10 +26,10 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
-from earl import artifacts, shapes
-from earl.cli_util import run_step
-from earl.models import fingerprint
-from earl.sources import DataError, load_split, open_image
+from earl import shapes
+
+# The step's own modules (config, artifacts, datasets) are imported where the step uses them, so the codec above
+# them imports with torch, transformers and PIL alone (e.g. on a GPU machine for benchmarks/tokenize.py vq).
 
 # -------------------------------------------------------------------------------------------- pixels
 
@@ -55,11 +59,114 @@ def to_pixels(img: Image.Image) -> torch.Tensor:
 def to_image(pixels: torch.Tensor) -> Image.Image:
     """[3, H, W] in [-1, 1] → RGB image. Rounds where Emu3's postprocess truncates: float32 ``to_pixels`` puts
     a quarter of the 256 levels a hair below the integer, so truncating would not invert ``to_pixels``."""
-    x = (pixels.detach().float().cpu() * 0.5 + 0.5) * 255.0
-    return Image.fromarray(x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    return to_images(pixels[None])[0]
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] → RGB images, as ``to_image``. The float32 arithmetic runs where ``pixels`` are and
+    one uint8 batch crosses to the host (the same IEEE operations on either device, so the same bytes)."""
+    x = ((pixels.detach().float() * 0.5 + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+@functools.cache
+def _levels() -> torch.Tensor:
+    """``to_pixels`` of the 256 byte values (float32 [256]): indexing it with bytes is ``to_pixels`` exactly."""
+    return to_pixels(Image.fromarray(np.arange(256, dtype=np.uint8).repeat(3).reshape(1, 256, 3)))[0, 0]
+
+
+def pixel_batch(images: list[Image.Image], device: torch.device | str) -> torch.Tensor:
+    """Equal-size RGB images → float32 [B, 3, H, W] on ``device``, equal to stacking ``to_pixels`` of each.
+
+    The bytes cross to the device (a quarter of float32's) and become floats there by table look-up, in one
+    transfer per batch. The result is a [B, 3, H, W] view of [B, H, W, 3] floats (channels-last strides).
+    """
+    data = torch.from_numpy(np.stack([np.asarray(img.convert("RGB")) for img in images])).to(device)
+    return _levels().to(device)[data.int()].permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------- codes
+
+
+def _compiled(fn: Callable, compile: bool) -> Callable:
+    """``fn`` itself, or its ``torch.compile`` (made once per process; a flag, as compiling the real-size VQ's 2D
+    stacks took 16-43 s per stack and input shape on an H200, which only long runs win back)."""
+    return _compile(fn) if compile else fn
+
+
+@functools.cache
+def _compile(fn: Callable) -> Callable:
+    return torch.compile(fn)
+
+
+def _encoder_frames(encoder, pixels: torch.Tensor) -> torch.Tensor:
+    """The per-frame 2D part of ``Emu3VQVAEEncoder.forward`` (its first lines), on [N, 3, H, W] frames."""
+    hidden = encoder.middle_block(encoder.down_block(encoder.conv_in(pixels)))
+    hidden = encoder.norm_out(hidden)
+    hidden = hidden * torch.sigmoid(hidden)  # the class's expression (not F.silu), so bf16 rounds the same
+    return encoder.conv_out(hidden)
+
+
+def _decoder_frames(decoder, hidden: torch.Tensor, quant: torch.Tensor) -> torch.Tensor:
+    """The per-frame 2D part of ``Emu3VQVAEDecoder.forward`` (its last lines), on [N, C, h, w] frames."""
+    hidden = decoder.up_block(decoder.middle_block(decoder.conv_in(hidden), quant), quant)
+    hidden = decoder.norm_out(hidden, quant)
+    hidden = hidden * torch.sigmoid(hidden)
+    return decoder.conv_out(hidden)
+
+
+def encode_pixels(vq: Emu3VQVAE, pixels: torch.Tensor, compile: bool = False,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """[B, 3, H, W] pixels in [-1, 1] → int64 [B, H // 8, W // 8] codes: ``Emu3VQVAE.encode`` of still images,
+    through the class's own submodules and weights, with the per-frame work done once per image.
+
+    ``encode`` repeats a still image T = ``temporal_downsample_factor`` times along time and runs the encoder's
+    2D stack (convolutions, GroupNorms, attention: all of its cost) on each of the T identical frames. Here the
+    2D stack runs on one frame per image and its latent (``latent_channels`` × h × w, 4 × 32 × 32 for Emu3) is
+    repeated T times before the encoder's own temporal convolutions, ``quant_conv`` and nearest-code search. So
+    the codes are ``encode``'s up to float rounding (tests/test_vq.py: equal in float32 on CPU), at 1/T of the
+    cost. The temporal layers are not folded into 2D ones (summing kernel slices over the identical frames):
+    they work on the small latent, and the class's modules stay the reference.
+
+    ``memory_format``: the 2D stack's activation layout. NCHW, the class's own, is the default: in the benchmark's
+    bf16 runs on an H200 it gave the class's codes and pixels bit for bit and was faster than channels-last in
+    eager mode (benchmarks/RESULTS.md). ``compile``: ``torch.compile`` the 2D stack (inductor fuses the norms and
+    activations; about 1.7x faster again there, but its bf16 rounding differs from eager's, so its codes differ
+    from the class's as much as the class's bf16 codes differ from its float32 ones).
+    """
+    encoder, temporal = vq.encoder, vq.config.temporal_downsample_factor
+    frames = _compiled(_encoder_frames, compile)(encoder, pixels.to(vq.dtype).contiguous(memory_format=memory_format))
+    hidden = frames.unsqueeze(2).repeat(1, 1, temporal, 1, 1)  # [B, C, T, h, w], the layout forward() builds
+    for conv in encoder.time_conv:
+        hidden = conv(hidden)
+        hidden = hidden * torch.sigmoid(hidden)
+    for layer in encoder.time_res_stack:
+        hidden = layer(hidden)
+    latent = vq.quant_conv(hidden).permute(0, 2, 1, 3, 4)  # [B, T = 1, C, h, w]
+    return vq.quantize(latent)[:, 0]
+
+
+def decode_codes(vq: Emu3VQVAE, codes: torch.Tensor, compile: bool = False,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """int64 [B, h, w] codes → [B, 3, 8h, 8w] pixels: ``Emu3VQVAE.decode`` of image codes, through the class's
+    submodules and weights, computing only the frame ``decode`` returns.
+
+    ``decode`` runs the latent through the decoder's temporal layers, which turn one latent frame into T, then its
+    2D stack (all of its cost) on all T frames, and returns frame 0 for an image. Each frame goes through the 2D
+    stack on its own (GroupNorm, attention and convolutions are per frame), so here the temporal layers run as in
+    the class and the 2D stack on frame 0 alone: the same pixels up to float rounding, at 1/T of the cost.
+    ``memory_format`` and ``compile`` as in ``encode_pixels``.
+    """
+    decoder = vq.decoder
+    quant = vq.quantize.embedding(codes).permute(0, 3, 1, 2).unsqueeze(2)  # [B, C, T = 1, h, w]
+    hidden = torch.cat((vq.post_quant_conv(quant), quant))  # forward() runs both through its temporal layers
+    for layer in decoder.time_res_stack:
+        hidden = layer(hidden)
+    for layer in decoder.time_conv:
+        hidden = layer(hidden)
+        hidden = hidden * torch.sigmoid(hidden)
+    hidden, quant = (x.contiguous(memory_format=memory_format) for x in hidden[:, :, 0].chunk(2))  # frame 0
+    return _compiled(_decoder_frames, compile)(decoder, hidden, quant)
 
 
 def _same_shape_batches(sizes: list[tuple], batch_size: int) -> list[list[int]]:
@@ -71,25 +178,25 @@ def _same_shape_batches(sizes: list[tuple], batch_size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def encode(vq: Emu3VQVAE, images: list[Image.Image], batch_size: int = 16) -> list[np.ndarray]:
-    """Each image's int64 [rows, cols] code grid, in input order, by ``Emu3VQVAE.encode`` itself."""
+def encode(vq: Emu3VQVAE, images: list[Image.Image], batch_size: int = 16, compile: bool = False) -> list[np.ndarray]:
+    """Each image's int64 [rows, cols] code grid, in input order: ``Emu3VQVAE.encode``'s, by ``encode_pixels``."""
     grids: list[np.ndarray] = [None] * len(images)  # type: ignore[list-item]
     for batch in _same_shape_batches([img.size for img in images], batch_size):
-        pixels = torch.stack([to_pixels(images[i]) for i in batch]).to(vq.device, vq.dtype)
-        sizes = torch.tensor([pixels.shape[-2:]] * len(batch))
-        for i, tokens in zip(batch, vq.encode(pixels, image_sizes=sizes).image_tokens):
-            grids[i] = tokens.cpu().numpy().astype(np.int64)
+        codes = encode_pixels(vq, pixel_batch([images[i] for i in batch], vq.device), compile)
+        for i, grid in zip(batch, codes.cpu().numpy()):
+            grids[i] = grid
     return grids
 
 
 @torch.inference_mode()
-def decode(vq: Emu3VQVAE, grids: list[np.ndarray], batch_size: int = 16) -> list[Image.Image]:
-    """Each [rows, cols] code grid's image (8·rows × 8·cols pixels), in input order, by ``Emu3VQVAE.decode``."""
+def decode(vq: Emu3VQVAE, grids: list[np.ndarray], batch_size: int = 16, compile: bool = False) -> list[Image.Image]:
+    """Each [rows, cols] code grid's image (8·rows × 8·cols pixels), in input order: ``Emu3VQVAE.decode``'s, by
+    ``decode_codes``."""
     images: list[Image.Image] = [None] * len(grids)  # type: ignore[list-item]
     for batch in _same_shape_batches([np.shape(g) for g in grids], batch_size):
         codes = torch.from_numpy(np.stack([np.asarray(grids[i], dtype=np.int64) for i in batch])).to(vq.device)
-        for i, pixels in zip(batch, vq.decode(codes)):
-            images[i] = to_image(pixels)
+        for i, img in zip(batch, to_images(decode_codes(vq, codes, compile))):
+            images[i] = img
     return images
 
 
@@ -321,6 +428,8 @@ RETIRED_SCALE = 1e3  # retired codes sit this many codebook radii away: never th
 
 def split_pairs(config, name: str, split: str) -> list[tuple[Image.Image, Image.Image]]:
     """(source, target) images of one dataset split, resized to the dataset's area as tokenize will."""
+    from earl.sources import DataError, load_split, open_image
+
     dataset = config.datasets[name]
     columns = (dataset.columns.source_image, dataset.columns.target_image)
     if columns[1] is None:
@@ -380,6 +489,9 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
 
 
 def build(config, out) -> None:
+    from earl import artifacts
+    from earl.models import fingerprint
+
     spec = config.vq
     paths = artifacts.Paths(config)
     with artifacts.artifact_dir(out) as work:
@@ -415,6 +527,8 @@ def build(config, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from earl.cli_util import run_step
+
     run_step(argparse.ArgumentParser(prog="python -m earl.vq", description=__doc__), build, argv)
 
 
