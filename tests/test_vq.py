@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -265,3 +267,35 @@ def test_recoded_fraction_is_zero_for_identical_pairs_only():
     pairs = edit_pairs(4)
     assert V.recoded_fraction(vq, [(a, a) for a, _ in pairs]) == 0.0
     assert 0.0 <= V.recoded_fraction(vq, pairs) <= 1.0
+
+
+def code_votes(vq, images) -> dict[int, Counter]:
+    """For each code, how often ``encode`` gave it to each exact cell patch."""
+    votes: dict[int, Counter] = {}
+    for img, grid in zip(images, V.encode(vq, images)):
+        for code, patch in zip(grid.flat, V.cell_patches(img, 8).flat):
+            votes.setdefault(int(code), Counter())[patch] += 1
+    return votes
+
+
+def entropy_code_given_patch(votes: dict[int, Counter]) -> float:
+    by_patch: dict[bytes, Counter] = {}
+    for code, counts in votes.items():
+        for patch, n in counts.items():
+            by_patch.setdefault(patch, Counter())[code] += n
+    total = sum(sum(c.values()) for c in by_patch.values())
+    return -sum(n * math.log2(n / sum(c.values())) for c in by_patch.values() for n in c.values()) / total
+
+
+def test_merge_synonyms_leaves_one_code_per_patch():
+    vq, images = tiny_vq(codebook_size=64), shapes_images(40, size=48)
+    before = code_votes(vq, images)
+    majority = [counts.most_common(1)[0][0] for counts in before.values()]
+    assert len(set(majority)) < len(majority)  # the encoder sees the whole image: equal cells get several codes
+    facts = V.merge_synonyms(vq, images)
+    after = code_votes(vq, images)
+    majority = [counts.most_common(1)[0][0] for counts in after.values()]
+    assert len(set(majority)) == len(majority)  # no two codes left standing for the same patch
+    assert entropy_code_given_patch(after) < 0.5 * entropy_code_given_patch(before)
+    assert facts["codes_used"] == len(before) and facts["codes_kept"] == len(after) and set(after) < set(before)
+    assert V.merge_synonyms(vq, images) == {**facts, "codes_used": len(after), "rounds": 1}  # a fixed point

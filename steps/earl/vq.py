@@ -397,26 +397,33 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image]) -> dict:
     VQ spent ~60-75 codes on each empty background and re-coded half of the cells an edit left untouched, which
     turns a one-object edit into a rewrite of the whole grid for the model that learns it. Here each code's
     cells in ``images`` vote for the exact pixel patch it stands for (its most frequent one); among codes that
-    stand for the same patch the most used one stays and the others are moved far outside the latents, so
-    ``encode``'s nearest-code search gives their cells to the survivors. Label-free (pixels only), in place, and
-    a no-op for a VQ whose codes already stand for distinct patches.
+    stand for the same patch the most used one stays, and every other code is moved far outside the latents, so
+    ``encode``'s nearest-code search gives their cells to the survivors (repeated until the votes settle).
+    Label-free (pixels only), in place, and a no-op for a VQ whose used codes already stand for distinct patches.
     """
     factor = vq.spatial_scale_factor
-    votes: dict[int, dict[bytes, int]] = {}
-    for img, grid in zip(images, encode(vq, images)):
-        for code, patch in zip(grid.flat, cell_patches(img, factor).flat):
-            counts = votes.setdefault(int(code), {})
-            counts[patch] = counts.get(patch, 0) + 1
-    survivor: dict[bytes, tuple[int, int]] = {}  # patch -> (uses, code) of its most used code
-    for code, counts in votes.items():
-        patch = max(counts, key=counts.get)
-        survivor[patch] = max(survivor.get(patch, (0, -1)), (sum(counts.values()), code))
-    keep = {code for _, code in survivor.values()}
-    retired = sorted(set(votes) - keep)
+    patches = [cell_patches(img, factor) for img in images]
     codebook = vq.quantize.embedding.weight
-    with torch.no_grad():
-        codebook[retired] = RETIRED_SCALE * codebook.abs().max()
-    return {"codes_used": len(votes), "codes_kept": len(keep), "codes_retired": len(retired)}
+    first_used, rounds, retired = None, 0, set()
+    while True:  # retiring moves cells to other codes, whose vote may change: repeat until nothing moves
+        rounds += 1
+        votes: dict[int, dict[bytes, int]] = {}
+        for grid, cells in zip(encode(vq, images), patches):
+            for code, patch in zip(grid.flat, cells.flat):
+                counts = votes.setdefault(int(code), {})
+                counts[patch] = counts.get(patch, 0) + 1
+        first_used = len(votes) if first_used is None else first_used
+        survivor: dict[bytes, tuple[int, int]] = {}  # patch -> (uses, code) of its most used code
+        for code, counts in votes.items():
+            patch = max(counts, key=counts.get)
+            survivor[patch] = max(survivor.get(patch, (0, -1)), (sum(counts.values()), code))
+        keep = sorted(code for _, code in survivor.values())
+        if len(keep) == len(votes):
+            return {"codes_used": first_used, "codes_kept": len(keep), "rounds": rounds}
+        newly = sorted(set(range(len(codebook))) - set(keep) - retired)  # unused codes too: cells go to survivors only
+        with torch.no_grad():
+            codebook[newly] = RETIRED_SCALE * codebook[keep].abs().max()
+        retired.update(newly)
 
 
 RETIRED_SCALE = 1e3  # retired codes sit this many codebook radii away: never the nearest code of any latent
