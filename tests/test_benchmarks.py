@@ -75,3 +75,24 @@ def test_multigpu_benchmark_smoke(tiny_pipeline, tmp_path):
     assert all(m["equal"] == 4 for k, m in rl["resumed_vs_uninterrupted"].items() if k != "iterations")
     assert all(m["max_abs_diff"] < 1e-4 for k, m in rl["one_vs_n_ranks"].items() if k != "iterations")
     assert (tmp_path / "out" / "runs.tar.gz").is_file()
+
+
+def test_sft_sweep_smoke(tiny_pipeline, tmp_path):
+    """benchmarks/sft_sweep.py: dump a tokenized split through the layout, then two tiny configurations at once."""
+    _, data, config_file, _ = tiny_pipeline
+    sweep, npz = str(REPO / "benchmarks" / "sft_sweep.py"), str(tmp_path / "sweep.npz")
+    result = subprocess.run([sys.executable, sweep, "dump", "--config", config_file, "--out", npz],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tiny = {"layers": 1, "hidden": 32, "ff": 64, "heads": 2, "kv": 1, "steps": 3, "batch": 4, "evals": [2]}
+    configs = [f"a={json.dumps(tiny)}", f"b={json.dumps({**tiny, 'theta': 50.0})}"]
+    result = subprocess.run([sys.executable, sweep, "run", "--data", npz, "--device", "cpu", "--out", str(tmp_path / "out"),
+                             "--configs", *configs], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / "out" / "summary.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in runs] == ["a", "b"] and runs[1]["config"]["theta"] == 50.0
+    for r in runs:
+        assert sorted(r["evals"], key=int) == ["2", "3"]
+        kinds = {k for k in r["evals"]["3"] if k != "loss"}
+        assert kinds == set(data["datasets"]["shapes_s"]["source"].get("edit_types") or ["recolor", "add", "remove", "background"])
+        assert all(0.0 <= v <= 1.0 for k in kinds for v in r["evals"]["3"][k].values() if v is not None)

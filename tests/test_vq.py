@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import types
 from collections import Counter
 
@@ -278,24 +277,25 @@ def code_votes(vq, images) -> dict[int, Counter]:
     return votes
 
 
-def entropy_code_given_patch(votes: dict[int, Counter]) -> float:
-    by_patch: dict[bytes, Counter] = {}
-    for code, counts in votes.items():
-        for patch, n in counts.items():
-            by_patch.setdefault(patch, Counter())[code] += n
-    total = sum(sum(c.values()) for c in by_patch.values())
-    return -sum(n * math.log2(n / sum(c.values())) for c in by_patch.values() for n in c.values()) / total
+def test_code_entropy_counts_codes_per_distinct_cell():
+    red, blue = (np.full((8, 16, 3), c, np.uint8) for c in ((255, 0, 0), (0, 0, 255)))
+    images = [Image.fromarray(red), Image.fromarray(red), Image.fromarray(blue)]  # 1x2 grids of one colour each
+    same = [np.array([[3, 3]]), np.array([[3, 3]]), np.array([[5, 5]])]
+    split = [np.array([[3, 3]]), np.array([[4, 4]]), np.array([[5, 5]])]  # red cells: codes 3 and 4, half each
+    assert V.code_entropy(images, same, 8) == 0.0
+    assert V.code_entropy(images, split, 8) == pytest.approx(4 / 6)  # 4 of 6 cells carry 1 bit
 
 
 def test_merge_synonyms_leaves_one_code_per_patch():
     vq, images = tiny_vq(codebook_size=64), shapes_images(40, size=48)
     before = code_votes(vq, images)
+    entropy_before = V.code_entropy(images, V.encode(vq, images), 8)
     majority = [counts.most_common(1)[0][0] for counts in before.values()]
     assert len(set(majority)) < len(majority)  # the encoder sees the whole image: equal cells get several codes
     facts = V.merge_synonyms(vq, images)
     after = code_votes(vq, images)
     majority = [counts.most_common(1)[0][0] for counts in after.values()]
     assert len(set(majority)) == len(majority)  # no two codes left standing for the same patch
-    assert entropy_code_given_patch(after) < 0.5 * entropy_code_given_patch(before)
+    assert V.code_entropy(images, V.encode(vq, images), 8) < 0.5 * entropy_before
     assert facts["codes_used"] == len(before) and facts["codes_kept"] == len(after) and set(after) < set(before)
     assert V.merge_synonyms(vq, images) == {**facts, "codes_used": len(after), "rounds": 1}  # a fixed point

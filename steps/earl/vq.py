@@ -472,7 +472,7 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
     Reconstructions are parsed back into scenes (:func:`earl.shapes.parse`) and compared with the parse of the
     originals (which equals the generator's scene exactly): per object, is it still there with its colour and
     shape; per image, the background and the whole scene. ``unchanged_cells_recoded`` is
-    :func:`recoded_fraction` over the edit pairs.
+    :func:`recoded_fraction` over the edit pairs, ``code_bits_per_cell`` :func:`code_entropy`.
     """
     images = [img for pair in pairs for img in pair]
     codes = encode(vq, images)
@@ -492,7 +492,19 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
         "mean_abs_error": float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                                          for a, b in zip(images, decoded)])),
         "unchanged_cells_recoded": recoded_fraction(vq, pairs, codes),
+        "code_bits_per_cell": code_entropy(images, codes, vq.spatial_scale_factor),
     }
+
+
+def code_entropy(images: list[Image.Image], codes: list[np.ndarray], factor: int) -> float:
+    """H(code | cell pixels) in bits: 0 when every distinct cell always gets the same code (what the LM wants)."""
+    by_patch: dict[bytes, dict[int, int]] = {}
+    for img, grid in zip(images, codes):
+        for code, patch in zip(grid.flat, cell_patches(img, factor).flat):
+            counts = by_patch.setdefault(patch, {})
+            counts[int(code)] = counts.get(int(code), 0) + 1
+    total = sum(sum(c.values()) for c in by_patch.values())
+    return -sum(n * math.log2(n / sum(c.values())) for c in by_patch.values() for n in c.values()) / max(1, total)
 
 
 def build(config, out) -> None:
