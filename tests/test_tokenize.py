@@ -52,8 +52,9 @@ def test_tokenized_shards_hold_the_vq_codes_of_the_data(built):
     block = 1 + 3 + 1 + world["rows"] * (world["cols"] + 1) + 2  # BOI "H*W" IMG rows EOF EOI
     assert len(ids) == len(labels) > 2 * block
     # the configured instruction length is saved with the tokenizer, and every instruction is filled to it
-    assert layout.instruction_tokens == data["text_tokenizer"]["instruction_tokens"] == 16
-    assert ids[1 + block + 16] == layout.ids.boi and ids[1 + block + 16 - len(layout.text(shards[0]["instruction"])) - 1] == layout.ids.fill
+    n = data["text_tokenizer"]["instruction_tokens"]
+    assert layout.instruction_tokens == n
+    assert ids[1 + block + n] == layout.ids.boi and ids[1 + block + n - len(layout.text(shards[0]["instruction"])) - 1] == layout.ids.fill
 
 
 def test_output_does_not_depend_on_workers_and_is_deterministic(built):
