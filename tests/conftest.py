@@ -69,7 +69,7 @@ def tiny_config(results, **overrides) -> dict:
         dataset["source"]["splits"] = {"train": 24, "validation": 6, "test": 6}
     data["vq"].update(steps=4, batch_size=8, threads=1)
     data["tokenize"].update(shards=2, workers=1, batch_size=8)
-    data["text_tokenizer"]["instruction_tokens"] = 32  # a BPE trained on 48 instructions merges less: up to ~20 tokens
+    data["text_tokenizer"]["instruction_tokens"] = 32  # a BPE trained on 48 instructions merges less: up to 24 tokens measured
     data["sft"].update(
         architecture=TINY_MODEL, per_device_train_batch_size=4, max_steps=6, eval_steps=3, save_steps=3,
         logging_steps=1, validation_size=4, threads_per_process=1, save_total_limit=None,
