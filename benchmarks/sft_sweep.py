@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=128, ff=384, heads=4, kv=2, theta=200.0, lr=3e-3, batch=32, weight_decay=0.1,
-                warmup=50, min_lr=1e-4, seed=42, evals=[500, 1000, 1500, 2000, 3000])
+                warmup=50, min_lr=1e-4, seed=42, tie=False, evals=[500, 1000, 1500, 2000, 3000])
 
 
 def dump(config_path: str, dataset: str, out: str, validation_rows: int = 200) -> None:
@@ -105,7 +105,7 @@ def train(name: str, data: str, device: str, **overrides) -> dict:
     model = Emu3ForCausalLM(Emu3TextConfig(
         hidden_size=c["hidden"], intermediate_size=c["ff"], num_hidden_layers=c["layers"],
         num_attention_heads=c["heads"], num_key_value_heads=c["kv"], max_position_embeddings=512, vocab_size=vocab,
-        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, attention_dropout=0.0,
+        pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, attention_dropout=0.0, tie_word_embeddings=c["tie"],
         rope_parameters={"rope_type": "default", "rope_theta": c["theta"]})).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=(0.9, 0.95), eps=1e-6,
                                   weight_decay=c["weight_decay"])

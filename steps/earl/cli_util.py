@@ -66,6 +66,10 @@ def run_distributed(parser: argparse.ArgumentParser, module: str, check: Callabl
     (``LOCAL_RANK`` set), run ``train``."""
     argv = sys.argv[1:] if argv is None else argv
     if "LOCAL_RANK" in os.environ:
+        # DeepSpeed's CPU accelerator reads its device count from LOCAL_SIZE (set by its own launcher, not by
+        # torchrun) and otherwise runs `numactl` in a subprocess on every ZeRO-3 gradient reduction: ~9 % of a
+        # default SFT step on 2 cores (py-spy, benchmarks/RESULTS.md)
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
         run_step(parser, train, argv, **extra)
         return
     try:

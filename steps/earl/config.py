@@ -50,7 +50,9 @@ class ShapesSource(Section):
     shapes: list[str] = ["square", "circle", "triangle"]
     min_objects: int = Field(1, ge=0)
     max_objects: int = Field(4, ge=1)
-    edit_types: list[str] | None = Field(None, description="restrict to these edit types; default all of the family")
+    edit_types: list[str] | dict[str, float] | None = Field(
+        None, description="these edit types, equally often (a list) or by relative weight (a mapping type -> weight); "
+                          "default every type of the family, equally often")
 
 
 class HubSource(Section):

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -141,9 +142,13 @@ class WorldSpec:
     shapes: tuple[str, ...] = SHAPES
     min_objects: int = 1
     max_objects: int = 4
-    edit_types: tuple[str, ...] | None = None  # None: every type of the requested family
+    # None: every type of the requested family, equally often; a list: these types, equally often; a mapping:
+    # type -> relative weight (e.g. fewer of the trivial background edits, more of the hard ones)
+    edit_types: tuple[str, ...] | Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.edit_types, Mapping):  # stored as ((type, weight), ...) so the spec stays hashable
+            object.__setattr__(self, "edit_types", tuple((t, float(w)) for t, w in self.edit_types.items()))
         for name in ("colors", "backgrounds", "shapes", "edit_types"):
             value = getattr(self, name)
             if value is not None:
@@ -168,8 +173,10 @@ class WorldSpec:
         if self.edit_types is not None:
             if not self.edit_types:
                 raise ValueError("edit_types must not be empty (null means every type of the family)")
-            for edit_type in self.edit_types:
+            for edit_type, weight in self._weighted_types():
                 _known(edit_type, EDIT_TYPES, "edit type")
+                if not (weight > 0 and math.isfinite(weight)):
+                    raise ValueError(f"edit type {edit_type!r} has weight {weight}; weights must be positive")
 
     @classmethod
     def of(cls, spec: Any) -> WorldSpec:
@@ -178,15 +185,20 @@ class WorldSpec:
             return spec
         return cls(**{f.name: getattr(spec, f.name) for f in fields(cls)})
 
-    def types_for(self, family: str) -> tuple[str, ...]:
-        """The edit types to sample for ``family``; a configured type of another family is an error."""
+    def _weighted_types(self) -> tuple[tuple[str, float], ...]:
+        """The configured edit types as (type, weight) pairs; a plain list weighs every type 1."""
+        return tuple(t if isinstance(t, tuple) else (t, 1.0) for t in self.edit_types or ())
+
+    def types_for(self, family: str) -> tuple[tuple[str, ...], np.ndarray]:
+        """The edit types to sample for ``family`` and their probabilities; a type of another family is an error."""
         if family not in set(EDIT_TYPES.values()):
             raise ValueError(f"unknown family {family!r}; known: S, C")
-        types = self.edit_types or tuple(t for t, f in EDIT_TYPES.items() if f == family)
-        for edit_type in types:
+        weighted = self._weighted_types() or tuple((t, 1.0) for t, f in EDIT_TYPES.items() if f == family)
+        for edit_type, _ in weighted:
             if EDIT_TYPES[edit_type] != family:
                 raise ValueError(f"edit type {edit_type!r} is of family {EDIT_TYPES[edit_type]}, not {family}")
-        return types
+        weights = np.array([w for _, w in weighted])
+        return tuple(t for t, _ in weighted), weights / weights.sum()
 
 
 # ------------------------------------------------------------------------------------------------ pixels
@@ -297,7 +309,8 @@ def sample_scene(rng: np.random.Generator, spec: Any) -> Scene:
 def sample_edit(rng: np.random.Generator, spec: Any, family: str) -> Edit:
     """A random edit of ``family``: an edit type, then source scenes until one admits a valid edit of that type."""
     world = WorldSpec.of(spec)
-    edit_type = _pick(rng, world.types_for(family))
+    types, probabilities = world.types_for(family)
+    edit_type = types[int(rng.choice(len(types), p=probabilities))]
     for _ in range(MAX_TRIES):
         source = sample_scene(rng, world)
         edit_spec = _SAMPLERS[edit_type](rng, world, source)
