@@ -165,6 +165,8 @@ def test_parse_reads_a_faint_speck_as_empty_and_a_wrong_size_as_error():
         ({"colors": ("red", "teal")}, "teal"),
         ({"shapes": ("square", "star")}, "star"),
         ({"edit_types": ("recolor", "rotate")}, "rotate"),
+        ({"edit_types": {"recolor": 2.0, "rotate": 1.0}}, "rotate"),
+        ({"edit_types": {"recolor": 1.0, "add": 0.0}}, "'add' has weight 0.0"),
         ({"min_objects": 5, "max_objects": 4}, "min_objects"),
         ({"cell_px": 4}, "cell_px"),
     ],
@@ -187,6 +189,17 @@ def test_pydantic_config_is_accepted():
     rows = shapes.generate(source, source.family, 4, source.seed)
     assert [r["edit_type"] for r in rows] == ["swap"] * 4
     assert shapes.parse(rows[0]["source_image"], source) == Scene.from_json(rows[0]["source_scene"])
+
+
+def test_edit_type_weights_set_the_type_frequencies():
+    # 600 S edits at weights 3:1:2 (remove absent): binomial standard errors ~0.02, so 0.07 is a 3.5-sigma margin
+    source = ShapesSource(kind="shapes", family="S", seed=3, splits={"train": 1}, colors=["red", "blue"],
+                          backgrounds=["white", "black"], edit_types={"recolor": 3, "add": 1, "background": 2})
+    types = [row["edit_type"] for row in shapes.generate(source, "S", 600, 0)]
+    share = {t: types.count(t) / len(types) for t in set(types)}
+    assert set(share) == {"recolor", "add", "background"}
+    for edit_type, expected in (("recolor", 0.5), ("add", 1 / 6), ("background", 1 / 3)):
+        assert abs(share[edit_type] - expected) < 0.07, share
 
 
 def test_edit_types_of_another_family_or_impossible_edits_raise():

@@ -132,7 +132,6 @@ class TrainedVQ(Section):
     batch_size: int = Field(ge=1, description="edit pairs (source and target images) per step")
     lr: float = Field(gt=0)
     commitment_cost: float = 0.25
-    locality_weight: float = Field(0.0, ge=0, description="weight of the edit-locality loss (earl.vq.locality_loss)")
     dead_code_steps: int = Field(20, ge=1, description="re-seed codes unused for this many steps")
     merge_synonyms: bool = Field(False, description="after training, retire codes standing for the same pixels as a "
                                  "more used code, so equal cells get equal ids (earl.vq.merge_synonyms)")

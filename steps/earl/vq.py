@@ -17,6 +17,7 @@ import argparse
 import csv
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -255,21 +256,6 @@ def unchanged_cells(source: torch.Tensor, target: torch.Tensor, factor: int) -> 
     return F.avg_pool2d(same.unsqueeze(1), factor).squeeze(1) == 1.0
 
 
-def locality_loss(z_source: torch.Tensor, z_target: torch.Tensor, unchanged: torch.Tensor) -> torch.Tensor:
-    """Mean squared latent difference over the tiles an edit did not touch, relative to the latents' power.
-
-    An edit of one object should change one code. The encoder's mid-block attention and GroupNorm see the
-    whole image, so without this term the codes of untouched cells drift with every edit elsewhere (measured:
-    a one-object edit re-coded ~27 of 64 cells), which turns a local edit into a global rewrite for the model
-    that learns it. Relative, so shrinking the latents cannot satisfy it.
-    """
-    if not unchanged.any():
-        return z_source.new_zeros(())
-    diff = ((z_source - z_target) ** 2).sum(-1).squeeze(1)  # [B, h, w]
-    power = (z_source.detach() ** 2).sum(-1).mean() + 1e-8
-    return diff[unchanged].mean() / power
-
-
 def usage(codes: torch.Tensor, codebook_size: int) -> dict:
     """Codebook usage of a batch: codes used, and perplexity exp(H) (= codebook size when all are equally used)."""
     p = torch.bincount(codes.flatten(), minlength=codebook_size).double() / codes.numel()
@@ -319,12 +305,12 @@ def train_vq(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], cfg,
              log: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Train ``vq`` in place on equal-size (source, target) image pairs of edits; returns one metrics dict per step.
 
-    Both images of a pair are reconstructed; ``cfg.locality_weight`` weighs :func:`locality_loss` between them.
+    Both images of a pair are reconstructed (the pairs are what the VQ will tokenize).
 
     Trains in train mode (the temporal blocks' BatchNorm uses batch statistics) and leaves the model in eval
     mode, where ``encode``/``decode`` run and where ``vq_loss``'s codes are exactly ``encode``'s.
 
-    ``cfg`` needs ``steps, batch_size`` (pairs), ``lr, seed, commitment_cost, dead_code_steps, locality_weight``. Deterministic on CPU for a
+    ``cfg`` needs ``steps, batch_size`` (pairs), ``lr, seed, commitment_cost, dead_code_steps``. Deterministic on CPU for a
     given seed and initial weights: batch order comes from a numpy Generator (fresh permutation per epoch).
 
     Codebook collapse, the usual VQ failure (a few codes take every cell, the rest never get a gradient), is
@@ -361,10 +347,7 @@ def train_vq(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], cfg,
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, metrics, codes, z = vq_loss(vq, batch, cfg.commitment_cost)
-        locality = locality_loss(z[: len(pair)], z[len(pair):], unchanged_cells(pair[:, 0], pair[:, 1], vq.spatial_scale_factor))
-        loss = loss + cfg.locality_weight * locality
-        metrics["locality"] = locality.item()
+        loss, metrics, codes, _ = vq_loss(vq, batch, cfg.commitment_cost)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -389,8 +372,25 @@ def cell_patches(img: Image.Image, factor: int) -> np.ndarray:
     return patches
 
 
-def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image]) -> dict:
-    """Retire every code that stands for the same pixels as a more used code, so equal cells get equal ids.
+def cell_code_counts(images: list[Image.Image], codes: list[np.ndarray], factor: int) -> Counter:
+    """How often each (code, exact cell patch) pair occurs: the joint counts behind merging and H(code | cell)."""
+    return Counter((int(code), patch) for img, grid in zip(images, codes)
+                   for code, patch in zip(grid.flat, cell_patches(img, factor).flat))
+
+
+def cell_latents(vq: Emu3VQVAE, images: list[Image.Image], batch_size: int = 64) -> list[torch.Tensor]:
+    """Each image's pre-quantisation latents as [rows·cols, C], cells in reading order (as :func:`cell_patches`)."""
+    out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+    with torch.no_grad():
+        for batch in _same_shape_batches([img.size for img in images], batch_size):
+            for i, z in zip(batch, latents(vq, pixel_batch([images[i] for i in batch], vq.device))):
+                out[i] = _flat(z[None])
+    return out
+
+
+def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 20) -> dict:
+    """One code per distinct cell: retire the codes that stand for the same pixels as a more used code, and move
+    each survivor to the mean latent of the cells it stands for.
 
     The encoder's mid-block attention and GroupNorm see the whole image, so the latent of a cell drifts with
     what else is in the picture, and dead-code re-seeding hands the spare codes to that drift: a trained default
@@ -398,32 +398,39 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image]) -> dict:
     turns a one-object edit into a rewrite of the whole grid for the model that learns it. Here each code's
     cells in ``images`` vote for the exact pixel patch it stands for (its most frequent one); among codes that
     stand for the same patch the most used one stays, and every other code is moved far outside the latents, so
-    ``encode``'s nearest-code search gives their cells to the survivors (repeated until the votes settle).
-    Label-free (pixels only), in place, and a no-op for a VQ whose used codes already stand for distinct patches.
+    ``encode``'s nearest-code search gives their cells to the survivors. Each survivor then moves to the mean
+    latent of all cells showing its patch (a k-means step whose clusters are the distinct patches), which gives it
+    the drifted cells that sat nearer another code: in the default VQ that took the cells coded as another
+    object from 0.17 % to 0.05 % and the objects kept by decode(encode()) from 99.2 % to 100 % on S (RESULTS.md).
+    Repeated until the codes settle. Label-free (pixels only) and in place.
     """
     factor = vq.spatial_scale_factor
-    patches = [cell_patches(img, factor) for img in images]
+    patches = np.concatenate([cell_patches(img, factor).ravel() for img in images])
+    z = torch.cat(cell_latents(vq, images))
     codebook = vq.quantize.embedding.weight
-    first_used, rounds, retired = None, 0, set()
-    while True:  # retiring moves cells to other codes, whose vote may change: repeat until nothing moves
-        rounds += 1
+    first_used, retired, previous = None, set(), None
+    for rounds in range(1, max_rounds + 1):
+        grids = encode(vq, images)
+        codes = np.concatenate([grid.ravel() for grid in grids])
         votes: dict[int, dict[bytes, int]] = {}
-        for grid, cells in zip(encode(vq, images), patches):
-            for code, patch in zip(grid.flat, cells.flat):
-                counts = votes.setdefault(int(code), {})
-                counts[patch] = counts.get(patch, 0) + 1
+        for (code, patch), n in cell_code_counts(images, grids, factor).items():
+            votes.setdefault(code, {})[patch] = n
         first_used = len(votes) if first_used is None else first_used
+        if previous is not None and np.array_equal(codes, previous):
+            break
+        previous = codes
         survivor: dict[bytes, tuple[int, int]] = {}  # patch -> (uses, code) of its most used code
         for code, counts in votes.items():
             patch = max(counts, key=counts.get)
             survivor[patch] = max(survivor.get(patch, (0, -1)), (sum(counts.values()), code))
         keep = sorted(code for _, code in survivor.values())
-        if len(keep) == len(votes):
-            return {"codes_used": first_used, "codes_kept": len(keep), "rounds": rounds}
         newly = sorted(set(range(len(codebook))) - set(keep) - retired)  # unused codes too: cells go to survivors only
         with torch.no_grad():
             codebook[newly] = RETIRED_SCALE * codebook[keep].abs().max()
+            for patch, (_, code) in survivor.items():
+                codebook[code] = z[torch.from_numpy(patches == patch)].mean(0)
         retired.update(newly)
+    return {"codes_used": first_used, "codes_kept": len(votes), "rounds": rounds}
 
 
 RETIRED_SCALE = 1e3  # retired codes sit this many codebook radii away: never the nearest code of any latent
@@ -499,10 +506,8 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
 def code_entropy(images: list[Image.Image], codes: list[np.ndarray], factor: int) -> float:
     """H(code | cell pixels) in bits: 0 when every distinct cell always gets the same code (what the LM wants)."""
     by_patch: dict[bytes, dict[int, int]] = {}
-    for img, grid in zip(images, codes):
-        for code, patch in zip(grid.flat, cell_patches(img, factor).flat):
-            counts = by_patch.setdefault(patch, {})
-            counts[int(code)] = counts.get(int(code), 0) + 1
+    for (code, patch), n in cell_code_counts(images, codes, factor).items():
+        by_patch.setdefault(patch, {})[code] = n
     total = sum(sum(c.values()) for c in by_patch.values())
     return -sum(n * math.log2(n / sum(c.values())) for c in by_patch.values() for n in c.values()) / max(1, total)
 
