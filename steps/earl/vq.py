@@ -405,7 +405,9 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 2
     Repeated until the codes settle. Label-free (pixels only) and in place.
     """
     factor = vq.spatial_scale_factor
-    patches = np.concatenate([cell_patches(img, factor).ravel() for img in images])
+    cells_of: dict[bytes, list[int]] = {}  # patch -> its cells' rows in z (a dict: numpy's bytes compare drops trailing NULs)
+    for i, patch in enumerate(p for img in images for p in cell_patches(img, factor).flat):
+        cells_of.setdefault(patch, []).append(i)
     z = torch.cat(cell_latents(vq, images))
     codebook = vq.quantize.embedding.weight
     first_used, retired, previous = None, set(), None
@@ -428,7 +430,7 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 2
         with torch.no_grad():
             codebook[newly] = RETIRED_SCALE * codebook[keep].abs().max()
             for patch, (_, code) in survivor.items():
-                codebook[code] = z[torch.from_numpy(patches == patch)].mean(0)
+                codebook[code] = z[cells_of[patch]].mean(0)
         retired.update(newly)
     return {"codes_used": first_used, "codes_kept": len(votes), "rounds": rounds}
 
