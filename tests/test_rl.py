@@ -94,6 +94,9 @@ def test_two_ranks_equal_one_rank(sft_done, scoring_server):
     assert result.returncode == 0, result.stderr[-3000:]
     assert artifacts.read_manifest(two_out)["world_size"] == 2
     assert all(float(r["zero_spread_groups"]) < 1 and float(r["grad_norm"]) > 0 for r in metrics(one_out))  # a signal
+    for r in metrics(one_out):  # the phases are measured, and they are parts of the step
+        phases = [float(r[k]) for k in ("time_rollout", "time_reward", "time_update", "time_sync")]
+        assert min(phases) >= 0 and phases[0] > 0 and phases[2] > 0 and sum(phases) <= float(r["step_time"])
     for a, b in zip(metrics(one_out), metrics(two_out)):
         for key in ("reward_mean", "reward_std", "well_formed", "zero_spread_groups", "loss", "kl", "entropy", "grad_norm"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), key

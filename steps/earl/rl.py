@@ -45,7 +45,8 @@ from earl.text_tokenizer import load_text_tokenizer
 
 CHECKPOINTS = "checkpoints"
 METRICS = ["iteration", "reward_mean", "reward_std", "well_formed", "finished", "zero_spread_groups", "judge_failures",
-           "loss", "policy_loss", "kl", "entropy", "grad_norm", "rollout_tokens_per_second", "step_time", "heldout_reward"]
+           "loss", "policy_loss", "kl", "entropy", "grad_norm", "rollout_tokens_per_second", "step_time",
+           "time_rollout", "time_reward", "time_update", "time_sync", "heldout_reward"]
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -161,6 +162,7 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
     rollouts = engine.generate(prompts, grids, params, seeds)
     rollout_time = time.time() - started
 
+    mark = time.time()
     parsed = heldout.grids_of(pool.layout, rollouts, grids)
     images = heldout.decode_all(vq, parsed)
     rows = [row for _, row in drawn for _ in range(group)]
@@ -173,6 +175,7 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
     rewards = torch.tensor([s.overall for s in scores])
     judged = torch.tensor([not s.failed for s in scores], dtype=torch.float)
     advantages = group_advantages(rewards, group, spec.advantage_eps, valid=judged.bool())
+    reward_time, mark = time.time() - mark, time.time()
 
     completions = [rollouts.completion(k) for k in range(len(prompts))]
     total_tokens = all_sum(torch.tensor(float(sum(len(c) * j for c, j in zip(completions, judged.tolist())))))
@@ -199,7 +202,9 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
             all_sum(p.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), spec.max_grad_norm)
     optimizer.step()
+    update_time, mark = time.time() - mark, time.time()
     engine.sync_weights()  # the next rollouts sample from the updated policy
+    sync_time = time.time() - mark
 
     groups = rewards.view(-1, group)
     flat = (groups.max(1).values - groups.min(1).values) < 1e-6
@@ -217,6 +222,9 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
         "judge_failures": int(counts[7]), "loss": float(sums[0]), "policy_loss": float(sums[1]), "kl": float(sums[2]),
         "entropy": float(sums[3]), "grad_norm": float(grad_norm), "rollout_tokens_per_second": float(counts[8] / max(counts[9] / size, 1e-9)),
         "step_time": time.time() - started,
+        # this rank's wall clock per phase: sampling; parse + VQ decode + judge; log-probs + backward + optimizer
+        # (gradient all-reduce included); pushing the new weights to the rollout engine
+        "time_rollout": rollout_time, "time_reward": reward_time, "time_update": update_time, "time_sync": sync_time,
     }
 
 
