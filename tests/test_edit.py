@@ -12,6 +12,7 @@ import tomllib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import REPO, step
@@ -20,7 +21,10 @@ from earl.engine import HFEngine, SamplingParams
 from earl.layout import EVAL_PREFILL
 from test_sft import sft_config
 
-INSTRUCTION = "remove the yellow circle"
+INSTRUCTION = "remove the blue circle"
+# the test-size pipeline keeps the default config's image area (the default: 32x32 px, a 4x4 grid)
+AREA = yaml.safe_load(open(REPO / "config" / "config.yaml"))["datasets"]["shapes_s"]["image_area"]
+SIDE = int(AREA**0.5)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def earl_edit(*args, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd)
 
 
-def source_grid(image, area: int = 2304) -> tuple[int, int]:
+def source_grid(image, area: int = AREA) -> tuple[int, int]:
     resized = vq_codec.resize_to_area(Image.open(image), area)
     return vq_codec.grid_shape(resized.width, resized.height)
 
@@ -54,7 +58,7 @@ def test_one_sample_is_a_png_of_the_source_grid_size(sft_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows, cols = source_grid(image)
     with Image.open(tmp_path / "e.png") as png:
-        assert png.format == "PNG" and png.size == (8 * cols, 8 * rows) == (48, 48)
+        assert png.format == "PNG" and png.size == (8 * cols, 8 * rows) == (SIDE, SIDE)
     assert "1/1 sample(s) written" in result.stderr
 
 
@@ -69,10 +73,10 @@ def test_seeded_samples_are_reproducible_and_differ_and_the_grid_has_one_tile_ea
         runs.append([(tmp_path / name / f"e-{i}.png").read_bytes() for i in (1, 2, 3)])
         assert not (tmp_path / name / "e.png").exists()
     assert runs[0] == runs[1]  # same seed, same bytes
-    # T = 1 over an untrained model's near-uniform code distribution: three identical 36-code grids would be a bug
+    # T = 1 over an untrained model's near-uniform code distribution: three identical grids would be a bug
     assert len(set(runs[0])) == 3
     with Image.open(tmp_path / "a" / "grid.png") as grid:
-        assert grid.width == edit.GAP + 4 * (48 + edit.GAP)  # source | sample 1 | sample 2 | sample 3
+        assert grid.width == edit.GAP + 4 * (SIDE + edit.GAP)  # source | sample 1 | sample 2 | sample 3
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
 
 
@@ -131,7 +135,7 @@ def test_an_rl_artifact_finds_its_vq_and_image_area_through_the_manifests(sft_mo
     rl.mkdir(parents=True)
     tokenized = [paths.tokenized("shapes_s"), paths.tokenized("shapes_c")]
     artifacts.write_manifest(rl, step="rl", config={}, inputs=[model, *tokenized, paths.text_tokenizer(), paths.vq()])
-    assert edit.resolve(str(rl), None, None) == (str(rl), str(paths.vq()), 2304)
+    assert edit.resolve(str(rl), None, None) == (str(rl), str(paths.vq()), AREA)
     assert edit.resolve(str(rl), "other-vq", 4096) == (str(rl), "other-vq", 4096)
     # inputs recorded relative to a working directory that is gone: found beside the artifact in its results root
     results = model.parent.parent
@@ -140,7 +144,7 @@ def test_an_rl_artifact_finds_its_vq_and_image_area_through_the_manifests(sft_mo
     manifest = artifacts.write_manifest(moved, step="rl", config={}, inputs=[paths.vq(), *tokenized])
     manifest["inputs"] = {f"gone/{p.parent.name}/{p.name}": h for p, h in zip([paths.vq(), *tokenized], manifest["inputs"].values())}
     (moved / artifacts.MANIFEST).write_text(json.dumps(manifest))
-    assert edit.resolve(str(moved), None, None) == (str(moved), str(paths.vq()), 2304)
+    assert edit.resolve(str(moved), None, None) == (str(moved), str(paths.vq()), AREA)
     # a hub model: --vq required, area 256²
     assert edit.resolve("BAAI/Emu3-Stage1", "BAAI/Emu3-VisionTokenizer", None)[2] == 65536
 

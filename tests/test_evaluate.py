@@ -59,7 +59,8 @@ def test_evaluate_writes_samples_images_and_metrics_that_agree(sft_model):
         assert (out / record.source_image).is_file() and (out / record.target_image).is_file()
         assert (record.image is not None) == record.well_formed
         if record.image is not None:
-            assert Image.open(out / record.image).size == (48, 48)
+            side = int(yaml.safe_load(open(file))["datasets"]["shapes_s"]["image_area"] ** 0.5)
+            assert Image.open(out / record.image).size == (side, side)
     metrics = json.loads((out / "metrics.json").read_text())
     judged = samples[~samples["failed"]]
     assert metrics["n"] == len(samples) and metrics["rows"] == len(rows) and metrics["judge_failures"] == 0
