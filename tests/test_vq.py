@@ -265,7 +265,7 @@ def test_recoded_fraction_is_zero_for_identical_pairs_only():
 def code_votes(vq, images) -> dict[int, Counter]:
     """For each code, how often ``encode`` gave it to each exact cell patch."""
     votes: dict[int, Counter] = {}
-    for (code, patch), n in V.cell_code_counts(images, V.encode(vq, images), 8).items():
+    for (code, patch), n in V.cell_code_counts(V.encode(vq, images), [V.cell_patches(img, 8) for img in images]).items():
         votes.setdefault(code, Counter())[patch] = n
     return votes
 

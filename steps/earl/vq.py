@@ -372,10 +372,10 @@ def cell_patches(img: Image.Image, factor: int) -> np.ndarray:
     return patches
 
 
-def cell_code_counts(images: list[Image.Image], codes: list[np.ndarray], factor: int) -> Counter:
-    """How often each (code, exact cell patch) pair occurs: the joint counts behind merging and H(code | cell)."""
-    return Counter((int(code), patch) for img, grid in zip(images, codes)
-                   for code, patch in zip(grid.flat, cell_patches(img, factor).flat))
+def cell_code_counts(codes: list[np.ndarray], patches: list[np.ndarray]) -> Counter:
+    """How often each (code, exact cell patch) pair occurs, over images' code grids and their
+    :func:`cell_patches`: the joint counts behind merging and H(code | cell)."""
+    return Counter((int(code), patch) for grid, cells in zip(codes, patches) for code, patch in zip(grid.flat, cells.flat))
 
 
 def cell_latents(vq: Emu3VQVAE, images: list[Image.Image], batch_size: int = 64) -> list[torch.Tensor]:
@@ -404,9 +404,9 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 2
     object from 0.17 % to 0.05 % and the objects kept by decode(encode()) from 99.2 % to 100 % on S (RESULTS.md).
     Repeated until the codes settle. Label-free (pixels only) and in place.
     """
-    factor = vq.spatial_scale_factor
+    patches = [cell_patches(img, vq.spatial_scale_factor) for img in images]  # fixed: computed once, used every round
     cells_of: dict[bytes, list[int]] = {}  # patch -> its cells' rows in z (a dict: numpy's bytes compare drops trailing NULs)
-    for i, patch in enumerate(p for img in images for p in cell_patches(img, factor).flat):
+    for i, patch in enumerate(p for cells in patches for p in cells.flat):
         cells_of.setdefault(patch, []).append(i)
     z = torch.cat(cell_latents(vq, images))
     codebook = vq.quantize.embedding.weight
@@ -415,7 +415,7 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 2
         grids = encode(vq, images)
         codes = np.concatenate([grid.ravel() for grid in grids])
         votes: dict[int, dict[bytes, int]] = {}
-        for (code, patch), n in cell_code_counts(images, grids, factor).items():
+        for (code, patch), n in cell_code_counts(grids, patches).items():
             votes.setdefault(code, {})[patch] = n
         first_used = len(votes) if first_used is None else first_used
         if previous is not None and np.array_equal(codes, previous):
@@ -508,7 +508,7 @@ def object_report(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], w
 def code_entropy(images: list[Image.Image], codes: list[np.ndarray], factor: int) -> float:
     """H(code | cell pixels) in bits: 0 when every distinct cell always gets the same code (what the LM wants)."""
     by_patch: dict[bytes, dict[int, int]] = {}
-    for (code, patch), n in cell_code_counts(images, codes, factor).items():
+    for (code, patch), n in cell_code_counts(codes, [cell_patches(img, factor) for img in images]).items():
         by_patch.setdefault(patch, {})[code] = n
     total = sum(sum(c.values()) for c in by_patch.values())
     return -sum(n * math.log2(n / sum(c.values())) for c in by_patch.values() for n in c.values()) / max(1, total)
