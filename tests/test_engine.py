@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import random_emu3
 from earl.config import ConfigError
 from earl.engine import (
     GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued, grid_header,
+    make_engine,
 )
 from earl.layout import Layout
 
@@ -52,6 +55,43 @@ def test_prompts_prefilled_in_slices_give_the_same_greedy_completions(tiny):
     assert max(map(len, batch)) > 3 * 7  # several slices, the last one partial
     assert torch.equal(whole.tokens, sliced.tokens)
     assert torch.allclose(whole.logprobs, sliced.logprobs, atol=1e-5)
+
+
+def test_attending_over_the_filled_slots_only_gives_the_whole_cache_s_samples(tiny):
+    """Decode steps read the filled part of the cache rounded up to ``attend_bucket`` slots, a width that grows
+    during the completion; the masked empty slots never mattered, so tokens and log-probs stay those of attending
+    over the whole static cache."""
+    model, layout = tiny
+    batch = prompts(layout, 4)
+    params = SamplingParams(max_tokens=30, seed=5)
+    whole = HFEngine(model, layout, batch_size=4, attend_bucket=10_000).generate(batch, [(3, 4)] * 4, params)
+    bucketed = HFEngine(model, layout, batch_size=4, attend_bucket=4).generate(batch, [(3, 4)] * 4, params)
+    assert int(whole.lengths.max()) > 2 * 4  # the width changed several times
+    assert torch.equal(whole.tokens, bucketed.tokens)
+    assert torch.allclose(whole.logprobs, bucketed.logprobs, atol=1e-5)
+
+
+def test_engine_of_another_dtype_samples_from_a_copy_that_sync_weights_refreshes(tiny):
+    """rl.bf16: the engine decodes with a bf16 copy of the fp32 policy; each sync_weights() pushes the update."""
+    model, layout = tiny
+    policy = copy.deepcopy(model)
+    engine = make_engine("hf", layout, None, 4, 0.5, policy=policy, dtype=torch.bfloat16)
+    assert engine.model is not policy and engine.model.dtype == torch.bfloat16
+
+    def same_weights() -> bool:
+        return all(torch.equal(e, p.to(torch.bfloat16)) for e, p in zip(engine.model.state_dict().values(), policy.state_dict().values()))
+
+    assert same_weights()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.5)
+    assert not same_weights()
+    engine.sync_weights()
+    assert same_weights()
+    batch = [layout.prompt(np.zeros((3, 4), dtype=int), "make the red circle blue", "<|image start|>")] * 2
+    rollouts = engine.generate(batch, [(3, 4)] * 2, SamplingParams(max_tokens=40, seed=1))
+    assert rollouts.finished.all() and torch.isfinite(rollouts.logprobs).all()
+    assert make_engine("hf", layout, None, 4, 0.5, policy=policy, dtype=torch.float32).model is policy
 
 
 @pytest.mark.parametrize("prefill", ["<|image start|>", "<|image start|>{H}*{W}", ""])

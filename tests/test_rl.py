@@ -11,10 +11,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import Emu3ForCausalLM
 
 from conftest import REPO, kill_step_when, step, write_config
 from earl import artifacts
 from earl.config import from_dict
+from earl.rl import load_models
 from test_sft import sft_config
 
 
@@ -42,9 +44,10 @@ def metrics(out) -> list[dict]:
     return list(csv.DictReader(open(out / "metrics.csv")))
 
 
-def test_rl_runs_grpo_iterations_and_reports_heldout_rewards(sft_done):
+@pytest.mark.parametrize("precision", [{}, {"bf16": True, "gradient_checkpointing": True}], ids=["fp32", "bf16"])
+def test_rl_runs_grpo_iterations_and_reports_heldout_rewards(sft_done, precision):
     root, config_file = sft_done
-    rl_file, paths = rl_config(root, config_file, "rl-basic")
+    rl_file, paths = rl_config(root, config_file, f"rl-basic-{len(precision)}", **precision)
     out = paths.rl("sft_s__rl_sc")
     result = rl(rl_file, out)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,6 +61,30 @@ def test_rl_runs_grpo_iterations_and_reports_heldout_rewards(sft_done):
     assert held["improvement"]["shapes_s"]["delta"] == pytest.approx(
         held["rl"]["shapes_s"]["overall"] - held["sft"]["shapes_s"]["overall"]
     )
+    saved = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # the master weights, whatever the compute dtype
+
+
+def test_policy_is_fp32_master_weights_even_from_a_bf16_checkpoint(sft_done, tmp_path):
+    """A bf16 SFT checkpoint (paper scale) gives an fp32 policy: one AdamW step of the paper's lr 3e-6 moves it,
+    where the same step on the bf16 weights themselves would round almost every update away."""
+    root, config_file = sft_done
+    sft_dir = artifacts.Paths(from_dict(yaml.safe_load(open(config_file)))).sft("sft_s__rl_sc")
+    Emu3ForCausalLM.from_pretrained(sft_dir, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    spec = from_dict(yaml.safe_load(open(rl_config(root, config_file, "rl-bf16", bf16=True, gradient_checkpointing=True)[0]))).rl
+    policy, reference = load_models(tmp_path, spec, "cpu")
+    assert policy.dtype == torch.float32 and reference.dtype == torch.bfloat16
+    assert policy.is_activation_checkpointing and not reference.training and not any(p.requires_grad for p in reference.parameters())
+
+    def moved_share(model) -> float:
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        torch.optim.AdamW(model.parameters(), lr=3e-6, weight_decay=0.0).step()
+        return float(sum((a != b).sum() for a, b in zip(before, model.parameters())) / sum(p.numel() for p in before))
+
+    assert moved_share(policy) > 0.99
+    assert moved_share(reference.requires_grad_(True)) < 0.1
 
 
 def scored_by_image(server) -> dict:

@@ -277,6 +277,11 @@ class GRPO(Section):
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    bf16: bool = Field(False, description="bf16 autocast for the policy's and the reference's forward passes; the policy's "
+                       "master weights and AdamW state stay fp32 (an update of lr 3e-6 is below bf16's resolution), and "
+                       "the built-in engine samples from a bf16 copy refreshed after every update")
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward (micro-batches of "
+                                         "~2,150-token sequences at 8B need it)")
     kl_coeff: float = 3e-4
     advantage_eps: float = 1e-4
     temperature: float = 1.0

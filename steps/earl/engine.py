@@ -350,11 +350,15 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     transformers' SDPA path copies every KV head ``heads / kv_heads`` times (``repeat_kv``) whenever there is a
     mask, i.e. the whole static cache four times over per layer and step for Emu3's 32/8 heads. For one query
     token the query heads that share a KV head are instead folded into the query-length axis of that KV head:
-    the same scores, no copy. Prefill (more than one query token) goes to transformers' own SDPA function.
+    the same scores, no copy. Only the first ``attention_mask.shape[-1]`` cache slots are read: the engine passes
+    the mask of the slots filled so far (rounded up to ``attend_bucket``), not of the whole static cache. Prefill
+    (more than one query token) goes to transformers' own SDPA function.
     """
     batch, heads, length, dim = query.shape
     if length > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # the decode step's mask covers the cache slots it attends over: the filled part, rounded up (HFEngine)
+    key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
@@ -384,14 +388,24 @@ class HFEngine:
     step is launched op by op, as on CPU. ``prefill_tokens``: the prompts go through the model in slices of at
     most this many tokens (rows × slice length), because one pass over a whole batch of 1,100-token prompts
     needs ~4 GiB per MLP activation at batch 128, which with the KV cache does not fit an 80 GB GPU.
+    ``attend_bucket``: a decode step attends over the cache slots filled so far rounded up to a multiple of this,
+    not over the whole static cache (half of which is empty on average), with one CUDA graph per length.
     """
 
-    def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768):
+    def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
+                 attend_bucket: int = 128, weights_from: torch.nn.Module | None = None):
         self.model, self.layout, self.ids, self.batch_size = model, layout, layout.ids, batch_size
-        self.cuda_graph, self.prefill_tokens = cuda_graph, prefill_tokens
+        self.cuda_graph, self.prefill_tokens, self.attend_bucket = cuda_graph, prefill_tokens, attend_bucket
+        self.weights_from = weights_from
+        self.sync_weights()
 
+    @torch.no_grad()
     def sync_weights(self) -> None:
-        """Nothing to push: this engine samples with the very module the optimizer updates."""
+        """Copy the trained module's weights into ``model`` when it is a copy of them (``weights_from``: e.g. a
+        bf16 copy of fp32 master weights); without ``weights_from`` the engine samples with the very module the
+        optimizer updates, and there is nothing to push."""
+        if self.weights_from is not None:
+            torch._foreach_copy_(list(self.model.parameters()), list(self.weights_from.parameters()))
 
     @torch.no_grad()
     def generate(
@@ -464,35 +478,39 @@ class HFEngine:
             constraint.advance(token)
             step.add_(1)
 
-        def decode() -> None:
+        def decode(width: int) -> None:
             slot = step + (longest - 1)  # the cache slot of the token chosen last
             attend.index_fill_(-1, slot[None], True)
             out = model(
-                input_ids=token[:, None], attention_mask=attend, position_ids=next_position, past_key_values=cache,
-                cache_position=slot[None], use_cache=True,
+                input_ids=token[:, None], attention_mask=attend[..., :width], position_ids=next_position,
+                past_key_values=cache, cache_position=slot[None], use_cache=True,
             )
             next_position.add_(1)
             choose(out.logits)
 
         choose(out.logits)
-        graph, use_graph = None, self.cuda_graph and device.type == "cuda"
+        use_graph = self.cuda_graph and device.type == "cuda"
+        graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
         for t in range(1, params.max_tokens):
-            if graph is not None:
-                graph.replay()
-            elif use_graph:
-                graph = _captured(decode)  # runs step 1, then records the step for the rest
+            # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a bucket
+            width = min(total, longest + -(-t // self.attend_bucket) * self.attend_bucket)
+            if width in graphs:
+                graphs[width].replay()
+            elif use_graph:  # runs step t, then records the step for the rest of this bucket
+                graphs[width] = _captured(lambda: decode(width), pool)
             else:
-                decode()
+                decode(width)
             if t % DONE_CHECK_EVERY == 0 and bool(done.all()):
                 break
         steps = int(lengths.max())
         return Rollouts(tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), lengths.cpu(), done.cpu())
 
 
-def _captured(step) -> torch.cuda.CUDAGraph:
+def _captured(step, pool) -> torch.cuda.CUDAGraph:
     """Run ``step`` once on a side stream (the warm-up that capture needs), then record it as a CUDA graph.
 
-    Recording runs nothing; every replay of the returned graph runs ``step`` once more.
+    Recording runs nothing; every replay of the returned graph runs ``step`` once more. One memory ``pool`` serves
+    all of a batch's graphs: they replay one after another, never together.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -500,7 +518,7 @@ def _captured(step) -> torch.cuda.CUDAGraph:
         step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph
 
@@ -528,12 +546,15 @@ def check_engine(kind: str, top_p: float, section: str) -> None:
 
 
 def make_engine(kind: str, layout: Layout, model_dir: Path, batch_size: int, gpu_memory_utilization: float,
-                max_model_len: int | None = None, policy: torch.nn.Module | None = None, device: str = "cpu"):
+                max_model_len: int | None = None, policy: torch.nn.Module | None = None, device: str = "cpu",
+                dtype: torch.dtype | None = None):
     """The rollout engine ``kind`` (``rl.engine``, ``evaluate.engine``) for the model saved in ``model_dir``.
 
     ``policy``: the module being trained (rl), which the engine samples from after each ``sync_weights()``;
     without it the engine only reads ``model_dir`` (evaluate), and the built-in engine loads it on ``device``.
-    ``batch_size`` is the built-in engine's; ``gpu_memory_utilization`` and ``max_model_len`` are vLLM's.
+    ``dtype``: the built-in engine samples from a copy of ``policy`` in this dtype where it differs from the
+    policy's (bf16 rollouts of fp32 master weights). ``batch_size`` is the built-in engine's;
+    ``gpu_memory_utilization`` and ``max_model_len`` are vLLM's.
     """
     if kind == "vllm":
         from earl.vllm_engine import VLLMEngine  # importable only in the vllm environment (check_engine)
@@ -541,4 +562,8 @@ def make_engine(kind: str, layout: Layout, model_dir: Path, batch_size: int, gpu
         return VLLMEngine(model_dir, layout, gpu_memory_utilization, max_model_len, policy)
     if policy is None:
         policy = load_checked(Emu3ForCausalLM, model_dir).to(device).eval()  # in the dtype it was saved in
-    return HFEngine(policy, layout, batch_size)
+    if dtype is None or dtype == policy.dtype:
+        return HFEngine(policy, layout, batch_size)
+    with torch.device(policy.device):
+        copy = Emu3ForCausalLM._from_config(policy.config, dtype=dtype).eval()
+    return HFEngine(copy, layout, batch_size, weights_from=policy)

@@ -129,6 +129,24 @@ def save_checkpoint(work: Path, iteration: int, policy, optimizer, rank: int) ->
         old.rmdir()
 
 
+def load_models(sft_dir: Path, spec, device: str):
+    """The policy and the frozen reference, both from the SFT checkpoint, without dropout (§F.12).
+
+    The policy is fp32 whatever dtype SFT saved: its weights are AdamW's master weights, and an update of the
+    paper's lr 3e-6 is far below bf16's resolution (2**-8 relative), so bf16 weights would round it away. With
+    ``rl.bf16`` the forward passes run under bf16 autocast and the reference is kept in bf16.
+    """
+    policy = load_checked(Emu3ForCausalLM, sft_dir, attention_dropout=0.0, dtype=torch.float32).to(device)
+    if spec.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    reference = load_checked(Emu3ForCausalLM, sft_dir, attention_dropout=0.0).to(device, compute_dtype(spec))
+    return policy, reference.eval().requires_grad_(False)
+
+
+def compute_dtype(spec) -> torch.dtype:
+    return torch.bfloat16 if spec.bf16 else torch.float32
+
+
 # ------------------------------------------------------------------------------------------- the loop
 
 
@@ -140,6 +158,10 @@ def heldout_reward(config: Config, engine, layout, vq, rows_by_name, rewards_of:
         name: heldout.score_edits(rewards_of[name], vq, rows, heldout.edit_rows(engine, layout, vq, rows, config.evaluate.assistant_prefill, params))
         for name, rows in rows_by_name.items()
     }
+
+
+def autocast(spec, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16)
 
 
 def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference, optimizer, engine, vq, rewards_of: dict,
@@ -188,11 +210,12 @@ def iteration_step(config: Config, pool: Pool, iteration: int, policy, reference
         input_ids, attention = input_ids.to(policy.device), attention.to(policy.device)
         completion_mask = completion_mask.to(policy.device) * judged[part, None].to(policy.device)
         width = completion_mask.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(spec, policy.device):
             ref_logp, _ = token_logprobs(reference, input_ids, attention, width, ids, spec.temperature,
                                          spec.separate_language_and_vision_vocabs)
-        logp, entropy = token_logprobs(policy, input_ids, attention, width, ids, spec.temperature,
-                                       spec.separate_language_and_vision_vocabs)
+        with autocast(spec, policy.device):
+            logp, entropy = token_logprobs(policy, input_ids, attention, width, ids, spec.temperature,
+                                           spec.separate_language_and_vision_vocabs)
         parts = grpo_loss(logp, ref_logp, advantages[part].to(policy.device), completion_mask, spec.kl_coeff, total_tokens.item())
         parts.loss.backward()
         sums += torch.tensor([parts.loss.item(), parts.policy, parts.kl,
@@ -236,8 +259,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     sft_dir = paths.sft(experiment)
     torch.manual_seed(spec.seed)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    policy = load_checked(Emu3ForCausalLM, sft_dir, attention_dropout=0.0).to(device)  # no dropout in RL (§F.12)
-    reference = load_checked(Emu3ForCausalLM, sft_dir, attention_dropout=0.0).to(device).eval().requires_grad_(False)
+    policy, reference = load_models(sft_dir, spec, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=spec.learning_rate, betas=(spec.adam_beta1, spec.adam_beta2),
                                   eps=spec.adam_epsilon, weight_decay=spec.weight_decay)
     tokenizer = load_text_tokenizer(paths.text_tokenizer())
@@ -246,7 +268,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     pool = Pool(config, stage, layout)
     rewards_of = {name: make_reward(config, name) for name in stage.datasets}
     engine = make_engine(spec.engine, layout, sft_dir, spec.rollout_batch_size, spec.vllm_gpu_memory_utilization,
-                         spec.model_context_size, policy)
+                         spec.model_context_size, policy, dtype=reference.dtype)
     held = {}
     for name in stage.datasets:
         rows = load_tokenized(config, name, spec.heldout_split)
