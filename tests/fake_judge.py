@@ -82,5 +82,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--by-image", action="store_true", help="scores from a hash of the edited image")
     args = parser.parse_args()
-    make_server(args.port, args.fault_rate).serve_forever()
+    make_server(args.port, args.fault_rate, args.by_image).serve_forever()

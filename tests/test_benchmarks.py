@@ -34,6 +34,23 @@ def test_rollout_benchmark_smoke(tmp_path):
     assert result["checks"]["graph_equals_eager_tokens"]
 
 
+def test_rl_step_benchmark_smoke(tmp_path):
+    """benchmarks/rl_step.py at test size: paper.yaml's rl section (bf16 autocast over fp32 master weights, a bf16
+    engine copy, gradient checkpointing) through earl.rl.iteration_step, judged over HTTP, every phase timed."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rl_step.py"), "--tiny", "--iterations", "2", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = json.loads((tmp_path / "rl_step_results.json").read_text())
+    facts = result["facts"]
+    assert facts["policy_dtype"] == "torch.float32" and facts["engine_dtype"] == "torch.bfloat16" and facts["gradient_checkpointing"]
+    assert len(result["iterations"]) == 2
+    for row in result["iterations"]:
+        assert row["well_formed"] == 1.0 and row["judge_failures"] == 0 and row["grad_norm"] > 0
+        phases = ["rollout_s", "vq_decode_s", "judge_client_s", "reference_logprobs_s", "policy_logprobs_s", "optimizer_step_s", "sync_s"]
+        assert all(row[k] > 0 for k in phases) and row["backward_and_rest_s"] > 0
+        assert sum(row[k] for k in phases) + row["backward_and_rest_s"] <= row["step_s"]
+
+
 def test_vq_benchmark_smoke(tmp_path):
     """benchmarks/tokenize.py vq at test size on CPU: every eager variant, the pipeline helpers, the agreement rows."""
     args = ["vq", "--device", "cpu", "--tiny", "--px", "32", "--batch", "2", "--images", "4", "--reps", "1", "--compile-batch"]

@@ -143,6 +143,11 @@ def load_models(sft_dir: Path, spec, device: str):
     return policy, reference.eval().requires_grad_(False)
 
 
+def make_optimizer(policy, spec) -> torch.optim.AdamW:
+    return torch.optim.AdamW(policy.parameters(), lr=spec.learning_rate, betas=(spec.adam_beta1, spec.adam_beta2),
+                             eps=spec.adam_epsilon, weight_decay=spec.weight_decay)
+
+
 def compute_dtype(spec) -> torch.dtype:
     return torch.bfloat16 if spec.bf16 else torch.float32
 
@@ -260,8 +265,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
     torch.manual_seed(spec.seed)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     policy, reference = load_models(sft_dir, spec, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=spec.learning_rate, betas=(spec.adam_beta1, spec.adam_beta2),
-                                  eps=spec.adam_epsilon, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(policy, spec)
     tokenizer = load_text_tokenizer(paths.text_tokenizer())
     layout = layout_mod.Layout(tokenizer, artifacts.read_manifest(paths.vq())["codebook_size"])
     vq = load_vq(paths.vq()).to(device)
