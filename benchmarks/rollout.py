@@ -179,8 +179,8 @@ def hf_generate(model, prompts, layout, grid, params: SamplingParams, device):
         )
 
 
-def load_engine_module(path: str):
-    spec = importlib.util.spec_from_file_location("baseline_engine", path)
+def load_engine_module(path: str, name: str = "baseline_engine"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -234,13 +234,56 @@ def profile(engine, prompts, grids, params_of, out: Path | None, name: str) -> l
     return sorted(rows, key=lambda r: -r["ms_per_step"])[:30]
 
 
+def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.device, dtype: torch.dtype, out: Path | None) -> dict:
+    """``n`` edits the way ``earl edit`` and the evaluator make them, timed from source pixels to PNG bytes: VQ
+    encode of ``n`` random 256×256 images (Emu3-VisionTokenizer's shape, random weights), the evaluation prompt
+    (header pre-filled), one batch through the engine with spec §D.3's sampling (T = 1, top-k 2,048,
+    ``evaluate.max_tokens`` 3,000 of cache room), VQ decode, PNG encoding."""
+    import io
+
+    from PIL import Image
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    from earl import heldout, vq as vq_codec
+    from earl.layout import EVAL_PREFILL
+
+    sizes = {}
+    if tiny:  # benchmarks/tokenize.py's tiny VQ, with the tiny layout's codebook
+        sizes = {**load_engine_module(os.path.join(HERE, "tokenize.py"), "bench_tokenize").TINY_VQ, "codebook_size": layout.ids.codebook_size}
+    with torch.device(device):
+        vq = Emu3VQVAE(Emu3VQVAEConfig(**sizes)).to(dtype).eval()
+    px = 32 if tiny else 256
+    rng = np.random.default_rng(7)
+    images = [Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(n)]
+    params = SamplingParams(max_tokens=40 if tiny else 3000, temperature=1.0, top_k=2048, seed=0)
+    engine = HFEngine(model, layout, batch_size=n)
+
+    def run() -> list[bytes]:
+        rows = [{"source_codes": codes, "instruction": " ".join(WORDS[: 4 + i % 16])}
+                for i, codes in enumerate(vq_codec.encode(vq, images, batch_size=n))]
+        pngs = []
+        for image in heldout.edit_rows(engine, layout, vq, rows, EVAL_PREFILL, params):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        return pngs
+
+    timed(device, run)  # warm-up: cuDNN autotuning, allocator
+    pngs, seconds, peak = timed(device, run)
+    if out:
+        (out / "edit_0.png").write_bytes(pngs[0])
+    return dict(run="edits_end_to_end", edits=n, pngs=len(pngs), seconds=round(seconds, 2), peak_gib=round(peak, 2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 4x4 grid, 16 codes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--short-batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--batches", type=int, nargs="*", default=[16, 32, 64, 128])
+    parser.add_argument("--short-batches", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--edits", type=int, default=0, help="also time this many edits end to end (256x256 pixels "
+                        "in, PNG out: VQ encode, engine, VQ decode)")
     parser.add_argument("--short-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[1100], help="static cache room per completion; "
                         "with several values the largest --short-batches size runs once per extra value")
@@ -254,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tiny:
         args.device, args.batches, args.short_batches, args.short_tokens, args.max_tokens = "cpu", [2, 4], [2], 6, [40]
+        args.edits = min(args.edits, 3)
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     grid = (4, 4) if args.tiny else (32, 32)
@@ -352,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
                 decode_ms_per_step=round(per_step * 1e3, 3), decode_tokens_per_s=round(n / per_step, 1), peak_gib=round(peak, 2),
             ))
 
+    if args.edits:
+        record(edits_end_to_end(model, layout, args.edits, args.tiny, device, dtype, out))
+
     if args.profile:
         n = max(args.short_batches)
         prompts = workload(layout, n, grid, seed=n)
@@ -369,10 +416,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{'run':<13}{'batch':>6}{'bucket':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
     for r in results["runs"]:
-        if "seconds" in r:
+        if "decode_ms_per_step" in r:
             print(f"{r['run']:<13}{r['batch']:>6}{r.get('attend_bucket', ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
                   f"{r['decode_ms_per_step']:>9.2f}{r['decode_tokens_per_s']:>14.1f}{r.get('seconds_per_128', float('nan')):>11.2f}"
                   f"{r['peak_gib']:>7.1f}")
+    for r in results["runs"]:
+        if r["run"] == "edits_end_to_end":
+            print(f"{r['edits']} edits end to end (pixels in, PNG out): {r['seconds']:.2f} s")
     print(f"copy bandwidth {bandwidth:.0f} GB/s; checks {results['checks']}")
 
 

@@ -24,7 +24,7 @@ def test_sft_benchmark_smoke(tmp_path):
 
 
 def test_rollout_benchmark_smoke(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rollout.py"), "--tiny", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "rollout.py"), "--tiny", "--edits", "3", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     result = json.loads((tmp_path / "rollout_results.json").read_text())
@@ -32,6 +32,8 @@ def test_rollout_benchmark_smoke(tmp_path):
     assert whole and all(r["tokens_per_s"] > 0 and r["well_formed"] == 1.0 for r in whole)
     assert {r["run"] for r in result["runs"]} >= {"engine_eager", "hf_generate"}
     assert result["checks"]["graph_equals_eager_tokens"]
+    edits = next(r for r in result["runs"] if r["run"] == "edits_end_to_end")
+    assert edits["pngs"] == edits["edits"] == 3 and (tmp_path / "edit_0.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rl_step_benchmark_smoke(tmp_path):
