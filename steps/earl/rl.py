@@ -312,7 +312,7 @@ def train(config: Config, out: Path, experiment: str) -> None:
         return
     writer.close()
     after = heldout_reward(config, engine, layout, vq, held, rewards_of)
-    policy.save_pretrained(work)
+    policy.to(compute_dtype(spec)).save_pretrained(work)  # fp32 master weights stay in the iter_N checkpoints
     tokenizer.save_pretrained(work)
     GenerationConfig(bos_token_id=layout.ids.bos, eos_token_id=layout.ids.eos, pad_token_id=layout.ids.pad).save_pretrained(work)
     saved = load_checked(Emu3ForCausalLM, work)
