@@ -52,7 +52,6 @@ from unittest import mock  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import Emu3VQVAE, Emu3VQVAEConfig  # noqa: E402
 
 from earl import heldout, rl  # noqa: E402
 from earl.cli_util import read_config  # noqa: E402
@@ -60,20 +59,19 @@ from earl.engine import make_engine  # noqa: E402
 from earl.judge import VIEScoreJudge, served  # noqa: E402
 
 
-def sibling(name: str):
-    """A module of this folder (rollout.py's model and workload builders, tokenize.py's tiny VQ)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(HERE, f"{name}.py"))
+def load_rollout():
+    """benchmarks/rollout.py, whose model, layout, VQ and workload builders this benchmark shares."""
+    spec = importlib.util.spec_from_file_location("bench_rollout", os.path.join(HERE, "rollout.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 class RandomPool:
-    """What iteration_step asks of ``earl.rl.Pool``, over random source blocks and instructions."""
+    """What iteration_step asks of ``earl.rl.Pool``, over random source blocks and instructions of ``words``."""
 
-    def __init__(self, layout, grid: tuple[int, int], prefill: str, rows: int = 64):
+    def __init__(self, layout, grid: tuple[int, int], prefill: str, words: list[str], rows: int = 64):
         rng = np.random.default_rng(0)
-        words = sibling("rollout").WORDS
         self.layout, self.grid, self.prefill = layout, grid, prefill
         self.rows = [{"source_codes": rng.integers(0, layout.ids.codebook_size, grid),
                       "instruction": " ".join(words[: rng.integers(4, 20)])} for _ in range(rows)]
@@ -87,10 +85,10 @@ class RandomPool:
 
 
 class Timers:
-    """Seconds spent inside wrapped functions, per iteration, with the device synchronised around each call."""
+    """Seconds spent inside wrapped functions, per iteration, with ``sync()`` (of the device) around each call."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, defaultdict(float)
+    def __init__(self, sync):
+        self.sync, self.seconds = sync, defaultdict(float)
 
     def wrap(self, fn, name):
         def timed(*args, **kwargs):
@@ -101,10 +99,6 @@ class Timers:
             self.seconds[name() if callable(name) else name] += time.perf_counter() - start
             return result
         return timed
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
 
     def take(self) -> dict[str, float]:
         taken, self.seconds = dict(self.seconds), defaultdict(float)
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tiny:
         args.device = "cpu"
-    rollout = sibling("rollout")
+    rollout = load_rollout()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     grid = (4, 4) if args.tiny else (32, 32)
@@ -146,12 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
     policy, reference = rl.load_models(work / "sft", spec, device)
     optimizer = rl.make_optimizer(policy, spec)
-    vq_config = Emu3VQVAEConfig(**sibling("tokenize").TINY_VQ) if args.tiny else Emu3VQVAEConfig()
-    with torch.device(device):
-        vq = Emu3VQVAE(vq_config).to(dtype).eval()
+    vq = rollout.build_vq(args.tiny, layout, device, dtype)
     engine = make_engine("hf", layout, None, spec.rollout_batch_size, spec.vllm_gpu_memory_utilization, policy=policy,
                          dtype=reference.dtype)
-    pool = RandomPool(layout, grid, spec.assistant_prefill)
+    pool = RandomPool(layout, grid, spec.assistant_prefill, rollout.WORDS)
     facts = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
         layers=policy.config.num_hidden_layers, parameters=sum(p.numel() for p in policy.parameters()),
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps(facts), flush=True)
 
-    timers = Timers(device)
+    timers = Timers(lambda: rollout.sync(device))
     phase = lambda: "reference_logprobs" if not torch.is_grad_enabled() else "policy_logprobs"  # noqa: E731
     optimizer.step = timers.wrap(optimizer.step, "optimizer_step")
     results = dict(facts=facts, iterations=[])

@@ -179,7 +179,8 @@ def hf_generate(model, prompts, layout, grid, params: SamplingParams, device):
         )
 
 
-def load_engine_module(path: str, name: str = "baseline_engine"):
+def load_module(path: str, name: str):
+    """A Python file as module ``name``: an older ``engine.py`` (``--baseline-engine``), or a sibling benchmark."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -234,6 +235,18 @@ def profile(engine, prompts, grids, params_of, out: Path | None, name: str) -> l
     return sorted(rows, key=lambda r: -r["ms_per_step"])[:30]
 
 
+def build_vq(tiny: bool, layout: Layout, device: torch.device, dtype: torch.dtype):
+    """``Emu3VQVAE`` with Emu3-VisionTokenizer's configuration and random weights, or (``tiny``)
+    benchmarks/tokenize.py's tiny VQ with the tiny layout's codebook."""
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    sizes = {}
+    if tiny:
+        sizes = {**load_module(os.path.join(HERE, "tokenize.py"), "bench_tokenize").TINY_VQ, "codebook_size": layout.ids.codebook_size}
+    with torch.device(device):
+        return Emu3VQVAE(Emu3VQVAEConfig(**sizes)).to(dtype).eval()
+
+
 def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.device, dtype: torch.dtype, out: Path | None) -> dict:
     """``n`` edits the way ``earl edit`` and the evaluator make them, timed from source pixels to PNG bytes: VQ
     encode of ``n`` random 256×256 images (Emu3-VisionTokenizer's shape, random weights), the evaluation prompt
@@ -242,16 +255,11 @@ def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.de
     import io
 
     from PIL import Image
-    from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     from earl import heldout, vq as vq_codec
     from earl.layout import EVAL_PREFILL
 
-    sizes = {}
-    if tiny:  # benchmarks/tokenize.py's tiny VQ, with the tiny layout's codebook
-        sizes = {**load_engine_module(os.path.join(HERE, "tokenize.py"), "bench_tokenize").TINY_VQ, "codebook_size": layout.ids.codebook_size}
-    with torch.device(device):
-        vq = Emu3VQVAE(Emu3VQVAEConfig(**sizes)).to(dtype).eval()
+    vq = build_vq(tiny, layout, device, dtype)
     px = 32 if tiny else 256
     rng = np.random.default_rng(7)
     images = [Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8)) for _ in range(n)]
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         del rollouts
 
     # -- launch-bound paths: a few tokens each, per-step time from (wall - prefill) / steps
-    baseline = load_engine_module(args.baseline_engine) if args.baseline_engine else None
+    baseline = load_module(args.baseline_engine, "baseline_engine") if args.baseline_engine else None
     for n in args.short_batches:
         prompts = workload(layout, n, grid, seed=n)
         params = SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)

@@ -46,12 +46,13 @@ def evaluate(config_file: str, out, benchmark: str = "shapes_s", experiment: str
 
 def test_evaluate_writes_samples_images_and_metrics_that_agree(sft_model):
     root, config_file = sft_model
-    file, paths, _ = eval_config(root, config_file, "eval-basic", samples_per_prompt=2, batch_size=4)
+    file, paths, config = eval_config(root, config_file, "eval-basic", samples_per_prompt=2, batch_size=4)
     out = paths.evaluate("sft_s", "shapes_s")
     result = evaluate(file, out)
     assert result.returncode == 0, result.stderr[-3000:]
     samples = pd.read_parquet(out / "samples.parquet")
-    rows = benchmark_rows(from_dict(yaml.safe_load(open(file))), "shapes_s")
+    rows = benchmark_rows(from_dict(config), "shapes_s")
+    side = int(config["datasets"]["shapes_s"]["image_area"] ** 0.5)
     assert len(samples) == 2 * len(rows)
     assert samples.groupby("row")["sample"].apply(sorted).tolist() == [[0, 1]] * len(rows)
     assert set(samples["task"]) == set(rows["edit_type"])
@@ -59,7 +60,6 @@ def test_evaluate_writes_samples_images_and_metrics_that_agree(sft_model):
         assert (out / record.source_image).is_file() and (out / record.target_image).is_file()
         assert (record.image is not None) == record.well_formed
         if record.image is not None:
-            side = int(yaml.safe_load(open(file))["datasets"]["shapes_s"]["image_area"] ** 0.5)
             assert Image.open(out / record.image).size == (side, side)
     metrics = json.loads((out / "metrics.json").read_text())
     judged = samples[~samples["failed"]]
