@@ -7,7 +7,7 @@
 ``dump`` turns a pipeline run's tokenized train split and 200 validation rows into SFT sequences through
 ``earl.layout`` (so the tokenizer's ``instruction_tokens`` fill applies) and saves them as one ``.npz``, so that
 ``run`` needs only torch and transformers (the GPU machine has neither ``datasets`` nor ``pydantic``).
-``run`` trains a fresh ``Emu3ForCausalLM`` per configuration with the default's recipe (AdamW (0.9, 0.95), warm-up
+``run`` trains a fresh ``Emu3ForCausalLM`` per configuration with the default's recipe (AdamW (0.9, ``beta2``), warm-up
 then cosine to ``min_lr``, clip 5, loss on the target only), all configurations at once on one device, and at
 each of ``evals`` steps measures teacher-forced accuracy on the validation rows, per edit type: ``copy`` on the
 cells the edit left alone, ``edit`` on the cells it changed, ``all_cells`` the share of rows with every cell
@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=128, ff=384, heads=4, kv=2, theta=200.0, lr=3e-3, batch=32, weight_decay=0.1,
-                warmup=50, min_lr=1e-4, seed=42, tie=False, evals=[500, 1000, 1500, 2000, 3000])
+                warmup=50, min_lr=1e-4, seed=42, tie=False, init=0.02, beta2=0.95, evals=[500, 1000, 1500, 2000, 3000])
 
 
 def dump(config_path: str, dataset: str, out: str, validation_rows: int = 200) -> None:
@@ -106,8 +106,9 @@ def train(name: str, data: str, device: str, **overrides) -> dict:
         hidden_size=c["hidden"], intermediate_size=c["ff"], num_hidden_layers=c["layers"],
         num_attention_heads=c["heads"], num_key_value_heads=c["kv"], max_position_embeddings=512, vocab_size=vocab,
         pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, attention_dropout=0.0, tie_word_embeddings=c["tie"],
+        initializer_range=c["init"],
         rope_parameters={"rope_type": "default", "rope_theta": c["theta"]})).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=(0.9, 0.95), eps=1e-6,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=(0.9, c["beta2"]), eps=1e-6,
                                   weight_decay=c["weight_decay"])
     x, y = (torch.tensor(d[k], device=device) for k in ("train_x", "train_y"))
     vx, vy = (torch.tensor(d[k], device=device) for k in ("validation_x", "validation_y"))
