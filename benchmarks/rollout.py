@@ -266,21 +266,42 @@ def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.de
     params = SamplingParams(max_tokens=40 if tiny else 3000, temperature=1.0, top_k=2048, seed=0)
     engine = HFEngine(model, layout, batch_size=n)
 
+    phases: dict[str, float] = {}
+
+    def phase(name: str, fn):
+        """``fn()``, its wall seconds (device synchronised) added to ``phases[name]``."""
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+    class PhaseTimedEngine:
+        """The engine, its ``generate`` timed as a phase: ``edit_rows`` runs it between encode and decode."""
+
+        def generate(self, *args, **kwargs):
+            return phase("engine", lambda: engine.generate(*args, **kwargs))
+
     def run() -> list[bytes]:
-        rows = [{"source_codes": codes, "instruction": " ".join(WORDS[: 4 + i % 16])}
-                for i, codes in enumerate(vq_codec.encode(vq, images, batch_size=n))]
+        grids = phase("vq_encode", lambda: vq_codec.encode(vq, images, batch_size=n))
+        rows = [{"source_codes": codes, "instruction": " ".join(WORDS[: 4 + i % 16])} for i, codes in enumerate(grids)]
         pngs = []
-        for image in heldout.edit_rows(engine, layout, vq, rows, EVAL_PREFILL, params):
+        for image in heldout.edit_rows(PhaseTimedEngine(), layout, vq, rows, EVAL_PREFILL, params):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
         return pngs
 
     timed(device, run)  # warm-up: cuDNN autotuning, allocator
+    phases.clear()
     pngs, seconds, peak = timed(device, run)
     if out:
         (out / "edit_0.png").write_bytes(pngs[0])
-    return dict(run="edits_end_to_end", edits=n, pngs=len(pngs), seconds=round(seconds, 2), peak_gib=round(peak, 2))
+    split = {f"{name}_s": round(value, 2) for name, value in phases.items()}
+    rest = seconds - sum(phases.values())  # prompts, grid parsing, VQ decode, PNG encoding
+    return dict(run="edits_end_to_end", edits=n, pngs=len(pngs), seconds=round(seconds, 2), **split,
+                vq_decode_and_png_s=round(rest, 2), peak_gib=round(peak, 2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -430,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{r['peak_gib']:>7.1f}")
     for r in results["runs"]:
         if r["run"] == "edits_end_to_end":
-            print(f"{r['edits']} edits end to end (pixels in, PNG out): {r['seconds']:.2f} s")
+            print(f"{r['edits']} edits end to end (pixels in, PNG out): {r['seconds']:.2f} s (VQ encode {r['vq_encode_s']:.2f}, "
+                  f"engine {r['engine_s']:.2f}, VQ decode and PNG {r['vq_decode_and_png_s']:.2f})")
     print(f"copy bandwidth {bandwidth:.0f} GB/s; checks {results['checks']}")
 
 
