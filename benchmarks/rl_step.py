@@ -46,7 +46,6 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -82,27 +81,6 @@ class RandomPool:
 
     def prompt(self, row: dict) -> tuple[list[int], tuple[int, int]]:
         return self.layout.prompt(row["source_codes"], row["instruction"], self.prefill), self.grid
-
-
-class Timers:
-    """Seconds spent inside wrapped functions, per iteration, with ``sync()`` (of the device) around each call."""
-
-    def __init__(self, sync):
-        self.sync, self.seconds = sync, defaultdict(float)
-
-    def wrap(self, fn, name):
-        def timed(*args, **kwargs):
-            self.sync()
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            self.sync()
-            self.seconds[name() if callable(name) else name] += time.perf_counter() - start
-            return result
-        return timed
-
-    def take(self) -> dict[str, float]:
-        taken, self.seconds = dict(self.seconds), defaultdict(float)
-        return taken
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps(facts), flush=True)
 
-    timers = Timers(lambda: rollout.sync(device))
+    timers = rollout.Timers(lambda: rollout.sync(device))
     phase = lambda: "reference_logprobs" if not torch.is_grad_enabled() else "policy_logprobs"  # noqa: E731
     optimizer.step = timers.wrap(optimizer.step, "optimizer_step")
     results = dict(facts=facts, iterations=[])

@@ -46,6 +46,7 @@ import importlib.util
 import json
 import platform
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,27 @@ def timed(device: torch.device, fn):
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     return result, seconds, peak
+
+
+class Timers:
+    """Seconds spent inside wrapped functions, by name, with ``sync()`` (of the device) around each call."""
+
+    def __init__(self, sync):
+        self.sync, self.seconds = sync, defaultdict(float)
+
+    def wrap(self, fn, name):
+        def timed(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[name() if callable(name) else name] += time.perf_counter() - start
+            return result
+        return timed
+
+    def take(self) -> dict[str, float]:
+        taken, self.seconds = dict(self.seconds), defaultdict(float)
+        return taken
 
 
 def left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,36 +288,24 @@ def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.de
     params = SamplingParams(max_tokens=40 if tiny else 3000, temperature=1.0, top_k=2048, seed=0)
     engine = HFEngine(model, layout, batch_size=n)
 
-    phases: dict[str, float] = {}
-
-    def phase(name: str, fn):
-        """``fn()``, its wall seconds (device synchronised) added to ``phases[name]``."""
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
-        return result
-
-    class PhaseTimedEngine:
-        """The engine, its ``generate`` timed as a phase: ``edit_rows`` runs it between encode and decode."""
-
-        def generate(self, *args, **kwargs):
-            return phase("engine", lambda: engine.generate(*args, **kwargs))
+    timers = Timers(lambda: sync(device))
+    encode = timers.wrap(vq_codec.encode, "vq_encode")
+    engine.generate = timers.wrap(engine.generate, "engine")  # edit_rows runs it between encode and decode
 
     def run() -> list[bytes]:
-        grids = phase("vq_encode", lambda: vq_codec.encode(vq, images, batch_size=n))
+        grids = encode(vq, images, batch_size=n)
         rows = [{"source_codes": codes, "instruction": " ".join(WORDS[: 4 + i % 16])} for i, codes in enumerate(grids)]
         pngs = []
-        for image in heldout.edit_rows(PhaseTimedEngine(), layout, vq, rows, EVAL_PREFILL, params):
+        for image in heldout.edit_rows(engine, layout, vq, rows, EVAL_PREFILL, params):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
         return pngs
 
     timed(device, run)  # warm-up: cuDNN autotuning, allocator
-    phases.clear()
+    timers.take()
     pngs, seconds, peak = timed(device, run)
+    phases = timers.take()
     if out:
         (out / "edit_0.png").write_bytes(pngs[0])
     split = {f"{name}_s": round(value, 2) for name, value in phases.items()}
