@@ -11,7 +11,7 @@ import torch
 from conftest import random_emu3
 from earl.config import ConfigError
 from earl.engine import (
-    GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued, grid_header,
+    DONE_CHECK_EVERY, GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued, grid_header,
     make_engine,
 )
 from earl.layout import Layout
@@ -69,6 +69,39 @@ def test_attending_over_the_filled_slots_only_gives_the_whole_cache_s_samples(ti
     assert int(whole.lengths.max()) > 2 * 4  # the width changed several times
     assert torch.equal(whole.tokens, bucketed.tokens)
     assert torch.allclose(whole.logprobs, bucketed.logprobs, atol=1e-5)
+
+
+def test_the_visual_head_samples_what_the_whole_vocabulary_would(tiny):
+    """Once every unfinished row is inside its image block, a step computes only the LM head's visual rows:
+    the same tokens and log-probabilities as masking the whole vocabulary, and the whole head stops running
+    within a status check of the last row opening its image."""
+    model, layout = tiny
+    model = copy.deepcopy(model)
+    whole = model.lm_head
+    model.lm_head = torch.nn.Linear(whole.in_features, whole.out_features, bias=True)  # a bias, sliced as well
+    with torch.no_grad():
+        model.lm_head.weight.copy_(whole.weight)
+        model.lm_head.bias.copy_(torch.randn(whole.out_features, generator=torch.Generator().manual_seed(0)) * 0.1)
+        model.lm_head.bias[layout.ids.boi] = 1.0  # rows open their images after some free text
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    grids = [(6, 7), (5, 8), (8, 4), (7, 7)] * 2
+    batch = [layout.prompt(np.zeros(g, dtype=int), "make the red circle blue", "") for g in grids]  # no prefill
+    params = SamplingParams(max_tokens=200, seed=3, top_k=5)
+    masked = HFEngine(model, layout, batch_size=8, visual_head=False).generate(batch, grids, params)
+    whole_head_calls = len(calls)  # the prefill's last logits, then every decode step
+    calls.clear()
+    visual = HFEngine(model, layout, batch_size=8).generate(batch, grids, params)
+    assert masked.finished.all()
+    assert torch.equal(masked.tokens, visual.tokens)
+    assert torch.allclose(masked.logprobs, visual.logprobs, atol=1e-5)
+    opened = [masked.completion(i).index(layout.ids.boi) for i in range(len(batch)) if layout.ids.boi in masked.completion(i)]
+    assert len(set(opened)) > 1 and max(opened) > 0
+    assert max(opened) < len(calls) <= max(opened) + 1 + DONE_CHECK_EVERY < whole_head_calls
+    prefilled = [layout.prompt(np.zeros(g, dtype=int), "make the red circle blue", "<|image start|>") for g in grids]
+    greedy = SamplingParams(max_tokens=200, temperature=0.0)
+    assert torch.equal(HFEngine(model, layout, batch_size=8, visual_head=False).generate(prefilled, grids, greedy).tokens,
+                       HFEngine(model, layout, batch_size=8).generate(prefilled, grids, greedy).tokens)
 
 
 def test_engine_of_another_dtype_samples_from_a_copy_that_sync_weights_refreshes(tiny):

@@ -116,10 +116,16 @@ class GridRule:
             forced = torch.where(pos == end + offset, token, forced)
         return torch.where(pos > end + 3, ids.pad, forced)
 
+    @staticmethod
+    def free_text(state: GridState) -> torch.Tensor:
+        """[N] whether each sequence is still before its image (any text token allowed, no visual code)."""
+        return (state.pos == 0) & (state.head < 0)
+
     def allowed(self, state: GridState) -> torch.Tensor:
-        """[N, vocab] mask of the tokens each sequence may emit next."""
+        """[N, vocab] mask of the tokens each sequence may emit next: outside free text, one forced token or any
+        visual code."""
         forced = self.forced(state)
-        free_text = ((state.pos == 0) & (state.head < 0))[:, None]
+        free_text = self.free_text(state)[:, None]
         return torch.where(free_text, ~self.visual, torch.where((forced < 0)[:, None], self.visual, self.col == forced[:, None]))
 
     def advanced(self, state: GridState, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,12 +396,18 @@ class HFEngine:
     needs ~4 GiB per MLP activation at batch 128, which with the KV cache does not fit an 80 GB GPU.
     ``attend_bucket``: a decode step attends over the cache slots filled so far rounded up to a multiple of this,
     not over the whole static cache (half of which is empty on average), with one CUDA graph per length.
+    ``visual_head``: once every unfinished sequence is inside its image block (with the grid constraint on), each
+    next token is either forced (EOL, EOF, ...; log-probability 0 under the constrained distribution) or any of
+    the ``codebook_size`` visual codes, so the step computes only the LM head's visual rows (32,768 of Emu3's
+    184,622) and samples among them; off, every step computes and masks the whole vocabulary. Same tokens and
+    log-probabilities either way.
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
-                 attend_bucket: int = 128, weights_from: torch.nn.Module | None = None):
+                 attend_bucket: int = 128, visual_head: bool = True, weights_from: torch.nn.Module | None = None):
         self.model, self.layout, self.ids, self.batch_size = model, layout, layout.ids, batch_size
         self.cuda_graph, self.prefill_tokens, self.attend_bucket = cuda_graph, prefill_tokens, attend_bucket
+        self.visual_head = visual_head
         self.weights_from = weights_from
         self.sync_weights()
 
@@ -464,12 +476,12 @@ class HFEngine:
         token = torch.zeros(n, dtype=torch.long, device=device)
         next_position = position[:, -1:] + 1
         attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        codes = slice(self.ids.visual_base, self.ids.visual_base + self.ids.codebook_size)
+        visual_rows = head.weight[codes]  # a view: sync_weights' in-place copies reach it
+        visual_bias = None if head.bias is None else head.bias[codes]
 
-        def choose(logits: torch.Tensor) -> None:
-            logits = logits[:, -1, :].float()
-            if params.grid_constraint:
-                constraint.mask_(logits)
-            chosen, logp = sample(logits, params, seeds_t, step)
+        def commit(chosen: torch.Tensor, logp: torch.Tensor) -> None:
             token.copy_(torch.where(done, self.ids.pad, chosen))
             tokens.index_copy_(1, step[None], token[:, None])
             logprobs.index_copy_(1, step[None], torch.where(done, 0.0, logp)[:, None])
@@ -478,30 +490,53 @@ class HFEngine:
             constraint.advance(token)
             step.add_(1)
 
-        def decode(width: int) -> None:
+        def choose(logits: torch.Tensor) -> None:
+            """The next token from the whole vocabulary, masked by the grid constraint."""
+            logits = logits.float()
+            if params.grid_constraint:
+                constraint.mask_(logits)
+            commit(*sample(logits, params, seeds_t, step))
+
+        def choose_in_image(hidden: torch.Tensor) -> None:
+            """The next token of sequences that are all inside their image block: forced, or a visual code."""
+            logits = torch.nn.functional.linear(hidden, visual_rows, visual_bias).float()
+            code, logp = sample(logits, params, seeds_t, step)
+            forced = constraint.forced()
+            commit(torch.where(forced >= 0, forced, code + self.ids.visual_base), torch.where(forced >= 0, 0.0, logp))
+
+        def decode(width: int, in_image: bool) -> None:
             slot = step + (longest - 1)  # the cache slot of the token chosen last
             attend.index_fill_(-1, slot[None], True)
-            out = model(
+            hidden = decoder(
                 input_ids=token[:, None], attention_mask=attend[..., :width], position_ids=next_position,
                 past_key_values=cache, cache_position=slot[None], use_cache=True,
-            )
+            ).last_hidden_state[:, -1]
             next_position.add_(1)
-            choose(out.logits)
+            choose_in_image(hidden) if in_image else choose(head(hidden))
 
-        choose(out.logits)
+        def status() -> tuple[bool, bool]:
+            """(every sequence finished, the visual head serves every unfinished one): one wait for the device."""
+            finished, in_text = torch.stack([done.all(), (GridRule.free_text(constraint.state) & ~done).any()]).tolist()
+            return finished, params.grid_constraint and self.visual_head and not in_text
+
+        choose(out.logits[:, -1])  # the prefill's last logits: the whole vocabulary
         use_graph = self.cuda_graph and device.type == "cuda"
         graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
+        in_image = status()[1]  # sequences never leave their image block once in it: checked every few steps
         for t in range(1, params.max_tokens):
             # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a bucket
             width = min(total, longest + -(-t // self.attend_bucket) * self.attend_bucket)
-            if width in graphs:
-                graphs[width].replay()
+            key = (width, in_image)
+            if key in graphs:
+                graphs[key].replay()
             elif use_graph:  # runs step t, then records the step for the rest of this bucket
-                graphs[width] = _captured(lambda: decode(width), pool)
+                graphs[key] = _captured(lambda: decode(width, in_image), pool)
             else:
-                decode(width)
-            if t % DONE_CHECK_EVERY == 0 and bool(done.all()):
-                break
+                decode(width, in_image)
+            if t % DONE_CHECK_EVERY == 0:
+                finished, in_image = status()
+                if finished:
+                    break
         steps = int(lengths.max())
         return Rollouts(tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), lengths.cpu(), done.cpu())
 
