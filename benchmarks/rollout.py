@@ -15,8 +15,8 @@ then the special and 32,768 visual tokens at Emu3's ids), so every id and length
 Runs, each timed wall-clock with ``torch.cuda.synchronize`` around the whole ``generate`` call (prefill, graph
 capture and copies back included):
 
-* ``engine`` (CUDA graph, the default) for every ``--batches`` size and every ``--attend-buckets``,
-  ``--visual-heads`` and ``--decode-attention`` value, whole completions (``--max-tokens`` sizes the static KV cache, as
+* ``engine`` (CUDA graph, the default) for every ``--batches`` size, ``--attend-buckets`` value and
+  ``--visual-heads`` value, whole completions (``--max-tokens`` sizes the static KV cache, as
   ``rl.max_response_tokens`` does; every completion ends at 1,065 tokens anyway);
 * ``engine_eager`` (``cuda_graph=False``), ``hf_generate`` (transformers' ``generate``, dynamic cache, the same
   prompts and sampling, the same grid constraint as a ``LogitsProcessor``) and ``baseline`` (``--baseline-engine``,
@@ -331,8 +331,6 @@ def main(argv: list[str] | None = None) -> None:
                         "to time whole completions with (one larger than the cache: attend over all of it)")
     parser.add_argument("--visual-heads", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.visual_head "
                         "values to time whole completions with (off: the whole vocabulary at every step)")
-    parser.add_argument("--decode-attention", nargs="+", choices=["flex", "sdpa"], default=["flex"],
-                        help="HFEngine.flex_attention values to time whole completions with")
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--baseline-engine", help="an engine.py (e.g. of an earlier commit) to time beside this one")
     parser.add_argument("--profile", action="store_true")
@@ -389,13 +387,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- the engine (CUDA graph where available), whole completions
     heads = [v == "on" for v in args.visual_heads]
-    flexes = [a == "flex" for a in args.decode_attention]
-    plans = [(n, args.max_tokens[0], b, v, f) for n in args.batches for b in args.attend_buckets for v in heads for f in flexes]
-    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0], flexes[0]) for m in args.max_tokens[1:]]
-    for n, max_tokens, bucket, visual, flex in plans:
+    plans = [(n, args.max_tokens[0], b, v) for n in args.batches for b in args.attend_buckets for v in heads]
+    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0]) for m in args.max_tokens[1:]]
+    for n, max_tokens, bucket, visual in plans:
         prompts = workload(layout, n, grid, seed=n)
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
-        engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual, flex_attention=flex)
+        engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual)
         try:
             rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
         except torch.OutOfMemoryError as error:
@@ -410,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         filled = step_bytes(model, n, longest + steps / 2)
         record(dict(
             run="engine" if device.type == "cuda" else "engine_eager", batch=n, max_tokens=max_tokens, attend_bucket=bucket,
-            visual_head=visual, decode_attention="flex" if flex else "sdpa",
+            visual_head=visual,
             prompt_tokens=longest,
             steps=steps, generated_tokens=generated, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
             decode_ms_per_step=round(per_step * 1e3, 3), tokens_per_s=round(generated / seconds, 1),
@@ -461,10 +458,10 @@ def main(argv: list[str] | None = None) -> None:
             for row in results.get(key, [])[:12]:
                 print(f"{key:<22}{row['ms_per_step']:>9.3f} ms{row['calls_per_step']:>8.1f}  {row['op']}")
 
-    print(f"\n{'run':<13}{'batch':>6}{'bucket':>8}{'head':>8}{'attn':>6}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
+    print(f"\n{'run':<13}{'batch':>6}{'bucket':>8}{'head':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
     for r in results["runs"]:
         if "decode_ms_per_step" in r:
-            print(f"{r['run']:<13}{r['batch']:>6}{r.get('attend_bucket', ''):>8}{HEADS.get(r.get('visual_head'), ''):>8}{r.get('decode_attention', ''):>6}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
+            print(f"{r['run']:<13}{r['batch']:>6}{r.get('attend_bucket', ''):>8}{HEADS.get(r.get('visual_head'), ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
                   f"{r['decode_ms_per_step']:>9.2f}{r['decode_tokens_per_s']:>14.1f}{r.get('seconds_per_128', float('nan')):>11.2f}"
                   f"{r['peak_gib']:>7.1f}")
     for r in results["runs"]:

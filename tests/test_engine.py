@@ -71,21 +71,6 @@ def test_attending_over_the_filled_slots_only_gives_the_whole_cache_s_samples(ti
     assert torch.allclose(whole.logprobs, bucketed.logprobs, atol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on CPU, as meant
-def test_flex_attention_decoding_gives_sdpa_s_samples(tiny):
-    """The flex_attention decode path (CUDA's default: a mask function read at run time over a block mask per
-    width) masks exactly what SDPA's boolean mask does: each row's left padding and the slots not yet written."""
-    model, layout = tiny
-    batch = prompts(layout, 4)
-    assert len({len(p) for p in batch}) > 1
-    params = SamplingParams(max_tokens=30, seed=5)
-    sdpa = HFEngine(model, layout, batch_size=4, attend_bucket=4, flex_attention=False).generate(batch, [(3, 4)] * 4, params)
-    flex = HFEngine(model, layout, batch_size=4, attend_bucket=4, flex_attention=True).generate(batch, [(3, 4)] * 4, params)
-    assert int(sdpa.lengths.max()) > 2 * 4  # several widths
-    assert torch.equal(sdpa.tokens, flex.tokens)
-    assert torch.allclose(sdpa.logprobs, flex.logprobs, atol=1e-5)
-
-
 def test_the_visual_head_samples_what_the_whole_vocabulary_would(tiny):
     """Once every unfinished row is inside its image block, a step computes only the LM head's visual rows:
     the same tokens and log-probabilities as masking the whole vocabulary, and the whole head stops running

@@ -17,7 +17,6 @@ was forced into; here header and grid always agree.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface, Emu3ForCausalLM, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -36,7 +34,6 @@ from earl.layout import Layout, SpecialIds
 from earl.models import load_checked
 
 DONE_CHECK_EVERY = 16  # decode steps between checks that every sequence has finished (each check waits for the device)
-FLEX_BLOCK = 128  # cache slots per block of flex_attention's block mask
 
 
 @dataclass(frozen=True)
@@ -354,35 +351,24 @@ ATTENTION = "earl_engine"
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
-    """Decode attention that reads each KV head once.
+    """SDPA that reads each KV head once while decoding.
 
     transformers' SDPA path copies every KV head ``heads / kv_heads`` times (``repeat_kv``) whenever there is a
     mask, i.e. the whole static cache four times over per layer and step for Emu3's 32/8 heads. For one query
     token the query heads that share a KV head are instead folded into the query-length axis of that KV head:
     the same scores, no copy. Only the first ``attention_mask.shape[-1]`` cache slots are read: the engine passes
-    the mask of the slots filled so far (rounded up to ``attend_bucket``), not of the whole static cache, either
-    as a boolean tensor (SDPA) or as a :class:`BlockMask` (flex_attention, see ``HFEngine.flex_attention``).
-    Prefill (more than one query token) goes to transformers' own SDPA function.
+    the mask of the slots filled so far (rounded up to ``attend_bucket``), not of the whole static cache. Prefill
+    (more than one query token) goes to transformers' own SDPA function.
     """
     batch, heads, length, dim = query.shape
     if length > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # the decode step's mask covers the cache slots it attends over: the filled part, rounded up (HFEngine)
     key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    if isinstance(attention_mask, BlockMask):
-        attend = _compiled_flex_attention() if query.is_cuda else flex_attention  # eager: the unfused reference
-        out = attend(grouped, key, value, block_mask=attention_mask, scale=scaling)
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, 1, heads, dim), None
-
-
-@functools.cache
-def _compiled_flex_attention():
-    """flex_attention compiled once for every batch size and cache width (dynamic shapes): a fixed shape would
-    recompile for each new width and, past dynamo's cache limit, fall back to the unfused reference."""
-    return torch.compile(flex_attention, dynamic=True)
 
 
 AttentionInterface.register(ATTENTION, _attention)
@@ -415,19 +401,13 @@ class HFEngine:
     the ``codebook_size`` visual codes, so the step computes only the LM head's visual rows (32,768 of Emu3's
     184,622) and samples among them; off, every step computes and masks the whole vocabulary. Same tokens and
     log-probabilities either way.
-    ``flex_attention``: decode attention through torch's ``flex_attention``, compiled to one Triton kernel, with a
-    mask function (each row's first prompt slot up to the current slot) in place of SDPA with a boolean mask: on
-    an H200, cuDNN reads the cache at ~60 % of the speed it reaches unmasked, flex at ~95 %
-    (benchmarks/RESULTS.md). ``None``: on CUDA, where Triton compiles it; forced on elsewhere it runs the
-    unfused reference (slow: for tests).
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
-                 attend_bucket: int = 128, visual_head: bool = True, flex_attention: bool | None = None,
-                 weights_from: torch.nn.Module | None = None):
+                 attend_bucket: int = 128, visual_head: bool = True, weights_from: torch.nn.Module | None = None):
         self.model, self.layout, self.ids, self.batch_size = model, layout, layout.ids, batch_size
         self.cuda_graph, self.prefill_tokens, self.attend_bucket = cuda_graph, prefill_tokens, attend_bucket
-        self.visual_head, self.flex_attention = visual_head, flex_attention
+        self.visual_head = visual_head
         self.weights_from = weights_from
         self.sync_weights()
 
@@ -500,27 +480,6 @@ class HFEngine:
         codes = slice(self.ids.visual_base, self.ids.visual_base + self.ids.codebook_size)
         visual_rows = head.weight[codes]  # a view: sync_weights' in-place copies reach it
         visual_bias = None if head.bias is None else head.bias[codes]
-        flex = self.flex_attention if self.flex_attention is not None else device.type == "cuda"
-        group = model.config.num_attention_heads // model.config.num_key_value_heads  # query rows per KV head
-        first = torch.tensor([longest - len(p) for p in prompts], device=device)  # each row's first filled slot
-        newest = torch.tensor(longest - 1, device=device)  # the cache slot of the last token the model has read
-        block_masks: dict[int, BlockMask] = {}
-
-        def filled(b, h, q, kv):  # flex_attention's mask function: the slots written so far, read at run time
-            return (kv >= first[b]) & (kv <= newest)
-
-        def decode_mask(width: int):
-            """What a decode step attending over the first ``width`` cache slots masks them with."""
-            if not flex:
-                return attend[..., :width]
-            if width not in block_masks:  # every block partial: ``filled`` decides, whatever ``step`` is
-                blocks = -(-width // FLEX_BLOCK)
-                block_masks[width] = BlockMask.from_kv_blocks(
-                    torch.full((n, 1, 1), blocks, dtype=torch.int32, device=device),
-                    torch.arange(blocks, dtype=torch.int32, device=device).expand(n, 1, 1, blocks).contiguous(),
-                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=filled, seq_lengths=(group, width),
-                )
-            return block_masks[width]
 
         def commit(chosen: torch.Tensor, logp: torch.Tensor) -> None:
             token.copy_(torch.where(done, self.ids.pad, chosen))
@@ -546,11 +505,11 @@ class HFEngine:
             commit(torch.where(forced >= 0, forced, code + self.ids.visual_base), torch.where(forced >= 0, 0.0, logp))
 
         def decode(width: int, in_image: bool) -> None:
-            newest.add_(1)  # the token chosen last goes into the next slot
-            attend.index_fill_(-1, newest[None], True)
+            slot = step + (longest - 1)  # the cache slot of the token chosen last
+            attend.index_fill_(-1, slot[None], True)
             hidden = decoder(
-                input_ids=token[:, None], attention_mask=decode_mask(width), position_ids=next_position,
-                past_key_values=cache, cache_position=newest[None], use_cache=True,
+                input_ids=token[:, None], attention_mask=attend[..., :width], position_ids=next_position,
+                past_key_values=cache, cache_position=slot[None], use_cache=True,
             ).last_hidden_state[:, -1]
             next_position.add_(1)
             choose_in_image(hidden) if in_image else choose(head(hidden))
