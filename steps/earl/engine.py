@@ -338,7 +338,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, st
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, params.top_k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # no sort of the k
         logits = logits.masked_fill(logits < kth, float("-inf"))
     logp = torch.log_softmax(logits, -1)
     cdf = logp.exp().double().cumsum(-1)
