@@ -182,6 +182,15 @@ def continued(prompt: list[int], header: list[int]) -> int:
     return -1
 
 
+def tokens_left(header: list[int], head: int, grid: tuple[int, int]) -> int | None:
+    """How many tokens a sequence about to emit ``header[head]`` has left: the rest of the header, H rows of W
+    codes and EOL, then EOF, EOI and EOS. None before the image (``head`` -1): free text comes first, of any length."""
+    if head < 0:
+        return None
+    rows, cols = grid
+    return len(header) - head + rows * (cols + 1) + 3
+
+
 @dataclass(frozen=True)
 class GridRequest:
     """One sequence's grid constraint as plain data: what travels with a vllm request in
@@ -396,6 +405,9 @@ class HFEngine:
     needs ~4 GiB per MLP activation at batch 128, which with the KV cache does not fit an 80 GB GPU.
     ``attend_bucket``: a decode step attends over the cache slots filled so far rounded up to a multiple of this,
     not over the whole static cache (half of which is empty on average), with one CUDA graph per length.
+    The static cache holds each batch's longest prompt plus ``max_tokens`` slots, or fewer when every prompt has
+    opened its image (RL's and evaluation's prefills): then the grid fixes every completion's length, and a
+    generous ``max_tokens`` (evaluation's 3,000) costs no memory.
     ``visual_head``: once every unfinished sequence is inside its image block (with the grid constraint on), each
     next token is either forced (EOL, EOF, ...; log-probability 0 under the constrained distribution) or any of
     the ``codebook_size`` visual codes, so the step computes only the LM head's visual rows (32,768 of Emu3's
@@ -447,7 +459,12 @@ class HFEngine:
     def _batch(self, prompts, grids, params: SamplingParams, seeds: list[int]) -> Rollouts:
         model, device = self.model, self.model.device
         n, longest = len(prompts), max(map(len, prompts))
-        total = longest + params.max_tokens
+        headers = [grid_header(self.layout, grid) for grid in grids]
+        max_tokens = params.max_tokens
+        left = [tokens_left(h, continued(p, h), g) for p, h, g in zip(prompts, headers, grids)]
+        if params.grid_constraint and None not in left:  # every length is known: no cache slot that none can reach
+            max_tokens = min(max_tokens, max(left))
+        total = longest + max_tokens
         # Left padding aligns every prompt's last token at the same cache slot.
         ids = torch.full((n, longest), self.ids.pad, dtype=torch.long)
         mask = torch.zeros((n, total), dtype=torch.long)
@@ -457,7 +474,6 @@ class HFEngine:
         ids, mask = ids.to(device), mask.to(device)
         position = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=model.config, max_cache_len=total)
-        headers = [grid_header(self.layout, grid) for grid in grids]
         constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
         chunk = max(1, self.prefill_tokens // n)
         for start in range(0, longest, chunk):
@@ -468,8 +484,8 @@ class HFEngine:
             )
         # The decode step's buffers: written in place, never re-bound, so a captured graph keeps seeing them.
         seeds_t = torch.tensor(seeds, dtype=torch.long, device=device)
-        tokens = torch.full((n, params.max_tokens), self.ids.pad, dtype=torch.long, device=device)
-        logprobs = torch.zeros((n, params.max_tokens), device=device)
+        tokens = torch.full((n, max_tokens), self.ids.pad, dtype=torch.long, device=device)
+        logprobs = torch.zeros((n, max_tokens), device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
         step = torch.zeros((), dtype=torch.long, device=device)  # index of the token being chosen
@@ -523,7 +539,7 @@ class HFEngine:
         use_graph = self.cuda_graph and device.type == "cuda"
         graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
         in_image = status()[1]  # sequences never leave their image block once in it: checked every few steps
-        for t in range(1, params.max_tokens):
+        for t in range(1, max_tokens):
             # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a bucket
             width = min(total, longest + -(-t // self.attend_bucket) * self.attend_bucket)
             key = (width, in_image)
