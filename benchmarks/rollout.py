@@ -17,7 +17,9 @@ capture and copies back included):
 
 * ``engine`` (CUDA graph, the default) for every ``--batches`` size, ``--attend-buckets`` value and
   ``--visual-heads`` value, whole completions (``--max-tokens`` sizes the static KV cache, as
-  ``rl.max_response_tokens`` does; every completion ends at 1,065 tokens anyway);
+  ``rl.max_response_tokens`` does; every completion ends at 1,065 tokens anyway), and ``baseline``
+  (``--baseline-engine``, an ``engine.py`` of an earlier commit, with its defaults) for every ``--batches`` size:
+  an A/B in one call, where the machine's speed cannot differ between the two;
 * ``engine_eager`` (``cuda_graph=False``), ``hf_generate`` (transformers' ``generate``, dynamic cache, the same
   prompts and sampling, the same grid constraint as a ``LogitsProcessor``) and ``baseline`` (``--baseline-engine``,
   an ``engine.py`` of an earlier commit) for ``--short-batches`` with ``--short-tokens`` new tokens only: they are
@@ -385,18 +387,24 @@ def main(argv: list[str] | None = None) -> None:
                 pass
         return good / len(prompts)
 
-    # -- the engine (CUDA graph where available), whole completions
+    # -- the engine (CUDA graph where available), and the baseline engine with its defaults, whole completions
+    baseline = load_module(args.baseline_engine, "baseline_engine") if args.baseline_engine else None
     heads = [v == "on" for v in args.visual_heads]
-    plans = [(n, args.max_tokens[0], b, v) for n in args.batches for b in args.attend_buckets for v in heads]
-    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0]) for m in args.max_tokens[1:]]
-    for n, max_tokens, bucket, visual in plans:
+    plans = [(n, args.max_tokens[0], b, v, "engine") for n in args.batches for b in args.attend_buckets for v in heads]
+    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0], "engine") for m in args.max_tokens[1:]]
+    plans += [(n, args.max_tokens[0], None, None, "baseline") for n in args.batches if baseline]
+    for n, max_tokens, bucket, visual, source in plans:
         prompts = workload(layout, n, grid, seed=n)
-        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
-        engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual)
+        if source == "baseline":
+            params = baseline.SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+            engine = baseline.HFEngine(model, layout, batch_size=n)
+        else:
+            params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+            engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual)
         try:
             rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
         except torch.OutOfMemoryError as error:
-            record(dict(run="engine", batch=n, max_tokens=max_tokens, error=f"out of memory: {str(error)[:200]}"))
+            record(dict(run=source, batch=n, max_tokens=max_tokens, error=f"out of memory: {str(error)[:200]}"))
             continue
         prefill = prefill_seconds(model, prompts, layout, max_tokens, device)
         steps = int(rollouts.lengths.max())
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         full_cache = step_bytes(model, n, longest + max_tokens)
         filled = step_bytes(model, n, longest + steps / 2)
         record(dict(
-            run="engine" if device.type == "cuda" else "engine_eager", batch=n, max_tokens=max_tokens, attend_bucket=bucket,
+            run=source if device.type == "cuda" else f"{source}_eager", batch=n, max_tokens=max_tokens, attend_bucket=bucket,
             visual_head=visual,
             prompt_tokens=longest,
             steps=steps, generated_tokens=generated, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
@@ -419,7 +427,6 @@ def main(argv: list[str] | None = None) -> None:
         del rollouts
 
     # -- launch-bound paths: a few tokens each, per-step time from (wall - prefill) / steps
-    baseline = load_module(args.baseline_engine, "baseline_engine") if args.baseline_engine else None
     for n in args.short_batches:
         prompts = workload(layout, n, grid, seed=n)
         params = SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
@@ -458,10 +465,10 @@ def main(argv: list[str] | None = None) -> None:
             for row in results.get(key, [])[:12]:
                 print(f"{key:<22}{row['ms_per_step']:>9.3f} ms{row['calls_per_step']:>8.1f}  {row['op']}")
 
-    print(f"\n{'run':<13}{'batch':>6}{'bucket':>8}{'head':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
+    print(f"\n{'run':<15}{'batch':>6}{'bucket':>8}{'head':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
     for r in results["runs"]:
         if "decode_ms_per_step" in r:
-            print(f"{r['run']:<13}{r['batch']:>6}{r.get('attend_bucket', ''):>8}{HEADS.get(r.get('visual_head'), ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
+            print(f"{r['run']:<15}{r['batch']:>6}{r.get('attend_bucket') or '':>8}{HEADS.get(r.get('visual_head'), ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
                   f"{r['decode_ms_per_step']:>9.2f}{r['decode_tokens_per_s']:>14.1f}{r.get('seconds_per_128', float('nan')):>11.2f}"
                   f"{r['peak_gib']:>7.1f}")
     for r in results["runs"]:
