@@ -57,6 +57,7 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import Emu3ForCausalLM, Emu3TextConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
+import earl.engine as engine_module
 from earl.engine import GridConstraint, HFEngine, SamplingParams
 from earl.layout import BOS, EOS, PAD, RL_PREFILL, SPECIAL_TOKENS, Layout, visual_token_strings
 
@@ -211,6 +212,13 @@ def load_module(path: str, name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def use_attention(module) -> None:
+    """Make ``module``'s decode attention the registered one: an engine.py registers its own under the name that
+    every engine.py uses, so loading ``--baseline-engine`` replaces this engine's."""
+    if hasattr(module, "ATTENTION"):
+        transformers.AttentionInterface.register(module.ATTENTION, module._attention)
 
 
 def bandwidth_gbs(device: torch.device) -> float:
@@ -395,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     plans += [(n, args.max_tokens[0], None, None, "baseline") for n in args.batches if baseline]
     for n, max_tokens, bucket, visual, source in plans:
         prompts = workload(layout, n, grid, seed=n)
+        use_attention(baseline if source == "baseline" else engine_module)
         if source == "baseline":
             params = baseline.SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
             engine = baseline.HFEngine(model, layout, batch_size=n)
@@ -440,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             old_params = baseline.SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
             runners["baseline"] = lambda: old.generate(prompts, [grid] * n, old_params)
         for name, fn in runners.items():
+            use_attention(baseline if name == "baseline" else engine_module)
             _, seconds, peak = timed(device, fn)
             per_step = (seconds - prefill) / args.short_tokens
             record(dict(
@@ -447,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
                 decode_ms_per_step=round(per_step * 1e3, 3), decode_tokens_per_s=round(n / per_step, 1), peak_gib=round(peak, 2),
             ))
 
+    use_attention(engine_module)
     if args.edits:
         record(edits_end_to_end(model, layout, args.edits, args.tiny, device, dtype, out))
 
@@ -457,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         engine = HFEngine(model, layout, batch_size=n, cuda_graph=False)
         results["profile_engine_eager"] = profile(engine, prompts, [grid] * n, current, out, "engine_eager")
         if baseline:
+            use_attention(baseline)
             old = baseline.HFEngine(model, layout, batch_size=n)
             older = lambda tokens: baseline.SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
             results["profile_baseline"] = profile(old, prompts, [grid] * n, older, out, "baseline")
