@@ -491,9 +491,7 @@ class HFEngine:
         step = torch.zeros((), dtype=torch.long, device=device)  # index of the token being chosen
         token = torch.zeros(n, dtype=torch.long, device=device)
         next_position = position[:, -1:] + 1
-        # The decode steps' mask, passed as is (no mask building per step), additive in the model's dtype (SDPA
-        # converts a boolean one at every layer): 0 on the slots filled so far, -inf elsewhere.
-        attend = torch.zeros((n, 1, 1, total), dtype=model.dtype, device=device).masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+        attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         codes = slice(self.ids.visual_base, self.ids.visual_base + self.ids.codebook_size)
         visual_rows = head.weight[codes]  # a view: sync_weights' in-place copies reach it
@@ -524,7 +522,7 @@ class HFEngine:
 
         def decode(width: int, in_image: bool) -> None:
             slot = step + (longest - 1)  # the cache slot of the token chosen last
-            attend.index_fill_(-1, slot[None], 0.0)
+            attend.index_fill_(-1, slot[None], True)
             hidden = decoder(
                 input_ids=token[:, None], attention_mask=attend[..., :width], position_ids=next_position,
                 past_key_values=cache, cache_position=slot[None], use_cache=True,
@@ -542,8 +540,8 @@ class HFEngine:
         graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
         in_image = status()[1]  # sequences never leave their image block once in it: checked every few steps
         for t in range(1, max_tokens):
-            # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a multiple of the bucket
-            width = min(total, -(-(longest + t) // self.attend_bucket) * self.attend_bucket)
+            # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a bucket
+            width = min(total, longest + -(-t // self.attend_bucket) * self.attend_bucket)
             key = (width, in_image)
             if key in graphs:
                 graphs[key].replay()
