@@ -384,12 +384,9 @@ def step_flops(n_params: int, lengths: list[int], layers: int, hidden: int) -> d
 def configure(model, spec: dict) -> None:
     set_attention(model, ATTN_NAME if spec["attn"] == "varlen" else "sdpa")
     if spec["ckpt"] == "none":
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if spec["ckpt"] == "half":
-            for i, layer in enumerate(model.model.layers):
-                layer.gradient_checkpointing = i % 2 == 1
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2 if spec["ckpt"] == "half" else 1)
     if spec["compile"]:
         torch._dynamo.config.recompile_limit = max(64, getattr(torch._dynamo.config, "recompile_limit", 8))
         for layer in model.model.layers:

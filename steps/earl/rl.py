@@ -138,7 +138,7 @@ def load_models(sft_dir: Path, spec, device: str):
     """
     policy = load_checked(Emu3ForCausalLM, sft_dir, attention_dropout=0.0, dtype=torch.float32).to(device)
     if spec.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()
     reference = load_checked(Emu3ForCausalLM, sft_dir, attention_dropout=0.0).to(device, compute_dtype(spec))
     return policy, reference.eval().requires_grad_(False)
 
