@@ -379,7 +379,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- checks first (small): graph and eager decoding agree token for token (well-formedness: below, per run)
     check_prompts = workload(layout, 8, grid, seed=99)
-    check = SamplingParams(max_tokens=48, temperature=1.0, top_k=args.top_k, seed=args.seed)
+    def sampling(tokens: int, module=engine_module):
+        """The workload's sampling (T = 1, ``--top-k``, ``--seed``) for ``tokens`` new tokens, as ``module``'s
+        SamplingParams (this engine's or ``--baseline-engine``'s)."""
+        return module.SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+
+    check = sampling(48)
     eager = HFEngine(model, layout, batch_size=8, cuda_graph=False).generate(check_prompts, [grid] * 8, check)
     graphed = HFEngine(model, layout, batch_size=8).generate(check_prompts, [grid] * 8, check)
     results["checks"]["graph_equals_eager_tokens"] = bool(torch.equal(eager.tokens, graphed.tokens))
@@ -403,12 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     plans += [(n, args.max_tokens[0], None, None, "baseline") for n in args.batches if baseline]
     for n, max_tokens, bucket, visual, source in plans:
         prompts = workload(layout, n, grid, seed=n)
-        use_attention(baseline if source == "baseline" else engine_module)
+        module = baseline if source == "baseline" else engine_module
+        use_attention(module)
+        params = sampling(max_tokens, module)
         if source == "baseline":
-            params = baseline.SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
             engine = baseline.HFEngine(model, layout, batch_size=n)
         else:
-            params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
             engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual)
         try:
             rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
@@ -438,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     # -- launch-bound paths: a few tokens each, per-step time from (wall - prefill) / steps
     for n in args.short_batches:
         prompts = workload(layout, n, grid, seed=n)
-        params = SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+        params = sampling(args.short_tokens)
         prefill = prefill_seconds(model, prompts, layout, args.max_tokens[0], device)
         runners = {"hf_generate": lambda: hf_generate(model, prompts, layout, grid, params, device)}
         if device.type == "cuda":
@@ -446,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             runners["engine_eager"] = lambda: engine.generate(prompts, [grid] * n, params)
         if baseline:
             old = baseline.HFEngine(model, layout, batch_size=n)
-            old_params = baseline.SamplingParams(max_tokens=args.short_tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)
+            old_params = sampling(args.short_tokens, baseline)
             runners["baseline"] = lambda: old.generate(prompts, [grid] * n, old_params)
         for name, fn in runners.items():
             use_attention(baseline if name == "baseline" else engine_module)
@@ -464,14 +469,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         n = max(args.short_batches)
         prompts = workload(layout, n, grid, seed=n)
-        current = lambda tokens: SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
         engine = HFEngine(model, layout, batch_size=n, cuda_graph=False)
-        results["profile_engine_eager"] = profile(engine, prompts, [grid] * n, current, out, "engine_eager")
+        results["profile_engine_eager"] = profile(engine, prompts, [grid] * n, sampling, out, "engine_eager")
         if baseline:
             use_attention(baseline)
             old = baseline.HFEngine(model, layout, batch_size=n)
-            older = lambda tokens: baseline.SamplingParams(max_tokens=tokens, temperature=1.0, top_k=args.top_k, seed=args.seed)  # noqa: E731
-            results["profile_baseline"] = profile(old, prompts, [grid] * n, older, out, "baseline")
+            results["profile_baseline"] = profile(old, prompts, [grid] * n, lambda t: sampling(t, baseline), out, "baseline")
         record(dict(run="profile", batch=n))
         for key in ("profile_engine_eager", "profile_baseline"):
             for row in results.get(key, [])[:12]:

@@ -12,8 +12,9 @@ earlier commit, kept so that recorded sweep commands mean what they meant) plus 
 AdamW (0.9, ``beta2``), warm-up then cosine to ``min_lr``, clip 5, loss on the target only. All configurations run
 at once on one device; at each of ``evals`` steps ``run`` measures teacher-forced accuracy on the validation rows,
 per edit type: ``copy`` on the cells the edit left alone, ``edit`` on the cells it changed, ``all_cells`` the share
-of rows with every cell right. Minutes of 2-core CPU budget are a few thousand steps here, so the sweep says which recipe learns the edits
-within the default's budget before a 10-minute CPU run is spent on it (benchmarks/RESULTS.md).
+of rows with every cell right. Minutes of 2-core CPU budget are a few thousand steps here, so the sweep says which
+recipe learns the edits within the default's budget before a 10-minute CPU run is spent on it
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -7,15 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-
-from conftest import random_emu3
 from transformers import StaticCache
 
 import earl.engine as engine_module
+from conftest import random_emu3
 from earl.config import ConfigError
 from earl.engine import (
-    DONE_CHECK_EVERY, GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued, grid_header,
-    make_engine,
+    DONE_CHECK_EVERY, GridConstraint, GridRequest, GridRule, GridSlots, HFEngine, SamplingParams, check_engine, continued,
+    grid_header, make_engine,
 )
 from earl.layout import Layout
 
