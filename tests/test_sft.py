@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Emu3ForCausalLM
 
-from conftest import kill_step_when, step, write_config
+from conftest import kill_step_when, orphaned_shm, step, write_config
 from earl import artifacts
 from earl.config import from_dict
 from earl.models import load_checked
@@ -68,9 +68,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
             (root / "killed-results" / src.relative_to(root / "results")).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(src, root / "killed-results" / src.relative_to(root / "results"))
     partial = out.with_name(out.name + ".partial")
+    leaked_before = orphaned_shm()
     kill_step_when("sft", config_file, out, partial / "checkpoints" / "checkpoint-8" / "trainer_state.json",
                    "--experiment", "sft_s")
     assert not out.exists() and partial.is_dir()  # nothing looks finished
+    assert orphaned_shm() <= leaked_before  # a killed run leaves no shared memory behind either
     steps_done = max(int(p.name.split("-")[1]) for p in (partial / "checkpoints").glob("checkpoint-*"))
     assert steps_done < 120
     result = sft(config_file, out)
@@ -86,8 +88,10 @@ def test_two_processes_train_one_zero3_model(tiny_pipeline):
     data = json.loads(json.dumps(data))
     config_file, paths = sft_config(root, data, "sft-two", num_processes=2, per_device_train_batch_size=2)
     out = paths.sft("sft_s")
+    leaked_before = orphaned_shm()
     result = sft(config_file, out)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert orphaned_shm() <= leaked_before  # each rank's DeepSpeed all-reduce buffer went with it
     manifest = artifacts.read_manifest(out)
     assert manifest["world_size"] == 2 and manifest["global_step"] == 6
     load_checked(Emu3ForCausalLM, out)  # ZeRO-3 gathered the shards of both ranks into whole tensors

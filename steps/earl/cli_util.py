@@ -88,6 +88,25 @@ def run_distributed(parser: argparse.ArgumentParser, module: str, check: Callabl
         sys.exit(f"error: {error}")
 
 
+def start_deepspeed_comm() -> None:
+    """Start DeepSpeed's communicator now, not lazily inside the Trainer, and unlink its shared-memory names.
+
+    Now: ``deepspeed.zero.Init`` (a ZeRO-3 model built shard by shard) asks the communicator for the world
+    size, and accelerate starts it on GPUs but not on CPU. Unlink: with ``LOCAL_SIZE`` set
+    (``run_distributed``), DeepSpeed's CPU accelerator all-reduces through one 66 MB ``/dev/shm`` file per rank,
+    named after the rendezvous, and never unlinks it; each CPU run left its files in RAM until a day of runs
+    filled the machine and CI ran out of memory. A mapping outlives its name, so once every rank has opened
+    every other rank's file (the barrier) the names can go, and a run killed later leaves nothing behind.
+    """
+    import deepspeed
+    import deepspeed.comm as ds_dist
+
+    deepspeed.init_distributed()
+    ds_dist.barrier()
+    master = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{master}_{ds_dist.get_rank()}").unlink(missing_ok=True)
+
+
 def peak_gpu_memory_gib() -> list[float] | None:
     """Every rank's peak GPU memory so far (``torch.cuda.max_memory_allocated``, GiB), in rank order; a
     collective, so every rank calls it. None without CUDA."""

@@ -39,11 +39,11 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_utils import get_last_checkpoint
 
 from earl import artifacts, heldout, layout as layout_mod
-from earl.cli_util import peak_gpu_memory_gib, run_distributed
+from earl.cli_util import peak_gpu_memory_gib, run_distributed, start_deepspeed_comm
 from earl.config import SFT, Config, ConfigError, Stage
 from earl.engine import HFEngine, SamplingParams
 from earl.models import WeightsMismatch, fingerprint, load_checked, load_lm, load_vq
@@ -155,13 +155,9 @@ def start_model(config: Config, tokenizer, ids: layout_mod.SpecialIds, parent: P
         **architecture, vocab_size=vocab_size, pad_token_id=ids.pad, bos_token_id=ids.bos,
         eos_token_id=ids.eos, attention_dropout=spec.dropout,
     )
-    # _from_config, not the constructor: under ZeRO-3 (TrainingArguments made first) transformers builds the
-    # model inside deepspeed.zero.Init, so each rank only ever holds its shard, initialised on its own device.
-    # zero.Init asks DeepSpeed's comm for the world size, which accelerate sets up on GPUs but not on CPU.
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
-
-        deepspeed.init_distributed()
+    # _from_config, not the constructor: under ZeRO-3 (TrainingArguments and DeepSpeed's communicator started
+    # first, in train) transformers builds the model inside deepspeed.zero.Init, so each rank only ever holds
+    # its shard, initialised on its own device.
     return Emu3ForCausalLM._from_config(text_config)
 
 
@@ -317,6 +313,8 @@ def train(config: Config, out: Path, experiment: str, stage: int) -> None:
     (work / CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # every rank lists it below; the Trainer makes it on rank 0 only
 
     args = training_args(spec, work, use_cpu=not torch.cuda.is_available())
+    if spec.deepspeed is not None:
+        start_deepspeed_comm()
     with args.main_process_first(desc="sft examples"):
         train_set, validation, data_stats = stage_data(config, this, layout)
     model = start_model(config, tokenizer, layout.ids, parent)

@@ -57,4 +57,5 @@ EARL_DEBIAN_IMAGE=$debian EARL_BUILD_OPTS="--volume $ca:/run/host-ca.crt:ro --bu
 image=localhost/earl-$step:$(sha256sum "envs/$step.linux-64.lock.txt" | cut -c1-12)
 mounts=(-v "$PWD:/repo:ro")
 [[ -z ${EARL_CONTAINER_OUT:-} ]] || mounts+=(-v "$EARL_CONTAINER_OUT:$EARL_CONTAINER_OUT")
-exec podman run --rm "${mounts[@]}" -w /repo -e PYTHONPATH=/repo/steps "$image" "$@"
+# not exec: the EXIT trap must still remove $work (set -e passes podman's exit status on)
+podman run --rm "${mounts[@]}" -w /repo -e PYTHONPATH=/repo/steps "$image" "$@"
