@@ -68,6 +68,7 @@ def tiny_config(results, **overrides) -> dict:
     for dataset in data["datasets"].values():
         dataset["source"]["splits"] = {"train": 24, "validation": 6, "test": 6}
     data["vq"].update(steps=4, batch_size=8, threads=1)
+    data["vq"]["sharpen"].update(steps=2, images_per_step=8)
     data["tokenize"].update(shards=2, workers=1, batch_size=8)
     data["text_tokenizer"]["instruction_tokens"] = 32  # a BPE trained on 48 instructions merges less: up to 24 tokens measured
     data["sft"].update(

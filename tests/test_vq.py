@@ -308,3 +308,17 @@ def test_merge_synonyms_leaves_one_code_per_patch():
     assert facts["codes_used"] == len(before) and facts["codes_kept"] == len(after) and set(after) < set(before)
     # a fixed point: a second merge re-encodes once, finds the same codes and stops
     assert V.merge_synonyms(vq, images) == {**facts, "codes_used": len(after), "rounds": 2}
+
+
+def test_sharpening_teaches_the_encoder_each_cells_merged_code_and_leaves_the_codes_and_decoder_alone():
+    vq, images = tiny_vq(codebook_size=64), shapes_images(40, size=48)
+    V.merge_synonyms(vq, images)
+    targets = V.patch_codes(vq, images)
+    fixed = {name: p.detach().clone() for name, p in vq.named_parameters() if not name.startswith(("encoder.", "quant_conv."))}
+    facts = V.sharpen_encoder(vq, images, types.SimpleNamespace(steps=40, images_per_step=16, lr=1e-3, temperature=0.01), seed=0)
+    miscoded = sum(int((g != t).sum()) for g, t in zip(V.encode(vq, images), targets))
+    assert facts["cells"] == 40 * 36 and facts["miscoded_after"] == miscoded
+    assert facts["miscoded_before"] > 100 and miscoded == 0  # an untrained encoder, merged: many cells, then none
+    for name, p in vq.named_parameters():
+        if name in fixed:
+            assert torch.equal(p, fixed[name]), name  # the decoder still renders each code as it did

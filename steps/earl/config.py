@@ -121,6 +121,17 @@ class VQModel(Section):
         return self
 
 
+class Sharpen(Section):
+    """Encoder fine-tuning after ``merge_synonyms`` (earl.vq.sharpen_encoder): each cell's latent is classified as
+    the code of its pixels, codebook and decoder fixed."""
+
+    steps: int = Field(ge=1)
+    images_per_step: int = Field(64, ge=1)
+    lr: float = Field(gt=0)
+    temperature: float = Field(0.01, gt=0, description="of the logits -d², as a fraction of the median squared "
+                               "distance between the codes in use: small enough that only near misses count")
+
+
 class TrainedVQ(Section):
     """A small ``Emu3VQVAE`` trained by the ``vq`` rule on the configured datasets' training images."""
 
@@ -135,9 +146,17 @@ class TrainedVQ(Section):
     dead_code_steps: int = Field(20, ge=1, description="re-seed codes unused for this many steps")
     merge_synonyms: bool = Field(False, description="after training, retire codes standing for the same pixels as a "
                                  "more used code, so equal cells get equal ids (earl.vq.merge_synonyms)")
+    sharpen: Sharpen | None = Field(None, description="then teach the encoder those ids for every cell; needs "
+                                    "merge_synonyms")
     report_split: str = Field("validation", description="held-out split for the per-object reconstruction report")
     seed: int = 0
     threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _sharpen_after_merge(self) -> TrainedVQ:
+        if self.sharpen is not None and not self.merge_synonyms:
+            raise ValueError("sharpen needs merge_synonyms: true (it teaches the merged codes)")
+        return self
 
 
 class TextTokenizerBase(Section):
