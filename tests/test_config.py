@@ -76,6 +76,14 @@ def test_early_stopping_needs_checkpoints():
     assert "early_stopping_patience needs save_steps" in error_of(data)
 
 
+def test_vq_sharpening_needs_merged_codes():
+    data = copy.deepcopy(DEFAULT)
+    data["vq"]["merge_synonyms"] = False
+    assert "vq.train: Value error, sharpen needs merge_synonyms: true" in error_of(data)
+    del data["vq"]["sharpen"]
+    assert cfg.from_dict(data).vq.sharpen is None  # neither: allowed
+
+
 def test_multigpu_benchmark_overlays_are_valid():
     overlays = ["benchmarks/multigpu/sft_emu3_8b.yaml", "benchmarks/multigpu/sft_small_1gpu.yaml"]
     big = read_config(["config/config.yaml", overlays[0]], [])
