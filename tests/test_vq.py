@@ -300,22 +300,33 @@ def test_merge_synonyms_leaves_one_code_per_patch():
     entropy_before = V.code_entropy(images, V.encode(vq, images), 8)
     majority = [counts.most_common(1)[0][0] for counts in before.values()]
     assert len(set(majority)) < len(majority)  # the encoder sees the whole image: equal cells get several codes
-    facts = V.merge_synonyms(vq, images)
+    facts, grids = V.merge_synonyms(vq, images)
+    assert all(np.array_equal(a, b) for a, b in zip(grids, V.encode(vq, images), strict=True))  # the codes now
     after = code_votes(vq, images)
     majority = [counts.most_common(1)[0][0] for counts in after.values()]
     assert len(set(majority)) == len(majority)  # no two codes left standing for the same patch
     assert V.code_entropy(images, V.encode(vq, images), 8) < 0.5 * entropy_before
     assert facts["codes_used"] == len(before) and facts["codes_kept"] == len(after) and set(after) < set(before)
     # a fixed point: a second merge re-encodes once, finds the same codes and stops
-    assert V.merge_synonyms(vq, images) == {**facts, "codes_used": len(after), "rounds": 2}
+    assert V.merge_synonyms(vq, images)[0] == {**facts, "codes_used": len(after), "rounds": 2}
+
+
+def test_merge_synonyms_out_of_rounds_returns_the_codes_after_its_last_move():
+    vq, images = tiny_vq(codebook_size=64), shapes_images(20, size=48)
+    before = V.encode(vq, images)
+    facts, grids = V.merge_synonyms(vq, images, max_rounds=1)
+    now = V.encode(vq, images)
+    assert facts["rounds"] == 1 and any(not np.array_equal(a, b) for a, b in zip(before, now))  # the round moved codes
+    assert all(np.array_equal(a, b) for a, b in zip(grids, now, strict=True))
 
 
 def test_sharpening_teaches_the_encoder_each_cells_merged_code_and_leaves_the_codes_and_decoder_alone():
     vq, images = tiny_vq(codebook_size=64), shapes_images(40, size=48)
-    V.merge_synonyms(vq, images)
+    _, grids = V.merge_synonyms(vq, images)
     targets = V.patch_codes(vq, images)
     fixed = {name: p.detach().clone() for name, p in vq.named_parameters() if not name.startswith(("encoder.", "quant_conv."))}
-    facts = V.sharpen_encoder(vq, images, types.SimpleNamespace(steps=40, images_per_step=16, lr=1e-3, temperature=0.01), seed=0)
+    facts = V.sharpen_encoder(vq, images, types.SimpleNamespace(steps=40, images_per_step=16, lr=1e-3, temperature=0.01), seed=0,
+                              grids=grids)
     miscoded = sum(int((g != t).sum()) for g, t in zip(V.encode(vq, images), targets))
     assert facts["cells"] == 40 * 36 and facts["miscoded_after"] == miscoded
     assert facts["miscoded_before"] > 100 and miscoded == 0  # an untrained encoder, merged: many cells, then none

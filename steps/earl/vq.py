@@ -388,7 +388,7 @@ def cell_latents(vq: Emu3VQVAE, images: list[Image.Image], batch_size: int = 64)
     return out
 
 
-def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 20) -> dict:
+def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 20) -> tuple[dict, list[np.ndarray]]:
     """One code per distinct cell: retire the codes that stand for the same pixels as a more used code, and move
     each survivor to the mean latent of the cells it stands for.
 
@@ -402,7 +402,8 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 2
     latent of all cells showing its patch (a k-means step whose clusters are the distinct patches), which gives it
     the drifted cells that sat nearer another code: in the default VQ that took the cells coded as another
     object from 0.17 % to 0.05 % and the objects kept by decode(encode()) from 99.2 % to 100 % on S (RESULTS.md).
-    Repeated until the codes settle. Label-free (pixels only) and in place.
+    Repeated until the codes settle. Label-free (pixels only) and in place. Returns the facts for the manifest
+    and the codes ``encode`` now gives ``images`` (the last round's, which :func:`sharpen_encoder` starts from).
     """
     patches = [cell_patches(img, vq.spatial_scale_factor) for img in images]  # fixed: computed once, used every round
     cells_of: dict[bytes, list[int]] = {}  # patch -> its cells' rows in z (a dict: numpy's bytes compare drops trailing NULs)
@@ -432,7 +433,9 @@ def merge_synonyms(vq: Emu3VQVAE, images: list[Image.Image], max_rounds: int = 2
             for patch, (_, code) in survivor.items():
                 codebook[code] = z[cells_of[patch]].mean(0)
         retired.update(newly)
-    return {"codes_used": first_used, "codes_kept": len(votes), "rounds": rounds}
+    else:  # out of rounds: the codes were moved after the last encode
+        grids = encode(vq, images)
+    return {"codes_used": first_used, "codes_kept": len(votes), "rounds": rounds}, grids
 
 
 RETIRED_SCALE = 1e3  # retired codes sit this many codebook radii away: never the nearest code of any latent
@@ -451,7 +454,8 @@ def patch_codes(vq: Emu3VQVAE, images: list[Image.Image], grids: list[np.ndarray
     return [np.vectorize(lambda patch: best[patch][1], otypes=[np.int64])(cells) for cells in patches]
 
 
-def sharpen_encoder(vq: Emu3VQVAE, images: list[Image.Image], cfg, seed: int) -> dict:
+def sharpen_encoder(vq: Emu3VQVAE, images: list[Image.Image], cfg, seed: int,
+                    grids: list[np.ndarray] | None = None) -> dict:
     """Fine-tune the encoder until each cell's latent is nearest the code of its pixels; codebook and decoder fixed.
 
     After :func:`merge_synonyms` the decoder renders every cell exactly from its patch's code, but the encoder's
@@ -462,12 +466,13 @@ def sharpen_encoder(vq: Emu3VQVAE, images: list[Image.Image], cfg, seed: int) ->
     median squared spacing, so cells well inside their code's region add nothing and the near misses drive the
     update (at τ = 0.2 of the spacing, the soft probabilities of every cell pulled the shared encoder around and
     the errors grew 4-13-fold: benchmarks/RESULTS.md). Eval mode throughout, so normalisation behaves as in
-    ``encode``. ``cfg`` needs ``steps, images_per_step, lr, temperature``. Returns the cells of ``images``
-    coded as another patch's code before and after.
+    ``encode``. ``cfg`` needs ``steps, images_per_step, lr, temperature``; ``grids``: ``images``' codes now,
+    when the caller has them (:func:`merge_synonyms` does). Returns the cells of ``images`` coded as another
+    patch's code before and after.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    grids = encode(vq, images)
+    grids = encode(vq, images) if grids is None else grids
     targets = patch_codes(vq, images, grids)
     in_use = sorted({int(code) for grid in targets for code in grid.flat})
     index = np.full(len(vq.quantize.embedding.weight), -1)
@@ -591,9 +596,9 @@ def build(config, out) -> None:
                     loss=f"{m['loss']:.4f}", used=m["used"], refresh=False))
             images = [img for pair in pairs for img in pair]
             if spec.merge_synonyms:
-                facts["synonyms"] = merge_synonyms(vq, images)
-            if spec.sharpen is not None:
-                facts["sharpen"] = sharpen_encoder(vq, images, spec.sharpen, spec.seed)
+                facts["synonyms"], grids = merge_synonyms(vq, images)
+            if spec.sharpen is not None:  # config: only after merge_synonyms
+                facts["sharpen"] = sharpen_encoder(vq, images, spec.sharpen, spec.seed, grids)
             with artifacts.atomic_file(work / "history.csv") as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(history[0]))
                 writer.writeheader()
