@@ -13,10 +13,10 @@ vocabulary 184,622), random bf16 weights; the tokenizer has Emu3's vocabulary la
 then the special and 32,768 visual tokens at Emu3's ids), so every id and length is the real one.
 
 Runs, each timed wall-clock with ``torch.cuda.synchronize`` around the whole ``generate`` call (prefill, graph
-capture and copies back included):
+capture and copies back included; a first short call, timed as ``warmup_s``, compiles):
 
 * ``engine`` (CUDA graph, the default) for every ``--batches`` size, ``--attend-buckets`` value and
-  ``--visual-heads`` value, whole completions (``--max-tokens`` sizes the static KV cache, as
+  ``--visual-heads`` and ``--compile`` value, whole completions (``--max-tokens`` sizes the static KV cache, as
   ``rl.max_response_tokens`` does; every completion ends at 1,065 tokens anyway), and ``baseline``
   (``--baseline-engine``, an ``engine.py`` of an earlier commit, with its defaults) for every ``--batches`` size:
   an A/B in one call, where the machine's speed cannot differ between the two;
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                         "to time whole completions with (one larger than the cache: attend over all of it)")
     parser.add_argument("--visual-heads", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.visual_head "
                         "values to time whole completions with (off: the whole vocabulary at every step)")
+    parser.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.compile values to "
+                        "time whole completions with (on: the decoder through torch.compile, CUDA's default)")
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--baseline-engine", help="an engine.py (e.g. of an earlier commit) to time beside this one")
     parser.add_argument("--profile", action="store_true")
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = dict(info=info, bandwidth_gbs=bandwidth, runs=[], checks={})
 
     def record(run: dict) -> None:
+        run["at_s"] = round(time.perf_counter() - t0, 1)  # since the start: where a call's time went
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
         if out:
@@ -389,6 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     graphed = HFEngine(model, layout, batch_size=8).generate(check_prompts, [grid] * 8, check)
     results["checks"]["graph_equals_eager_tokens"] = bool(torch.equal(eager.tokens, graphed.tokens))
     results["checks"]["graph_vs_eager_max_logprob_diff"] = float((eager.logprobs - graphed.logprobs).abs().max())
+    # compiled (fused element-wise work) vs the decoder as written: bf16 rounding differs, so samples may part
+    uncompiled = HFEngine(model, layout, batch_size=8, cuda_graph=False, compile=False).generate(check_prompts, [grid] * 8, check)
+    results["checks"]["compiled_vs_uncompiled_equal_tokens"] = float((eager.tokens == uncompiled.tokens).float().mean())
+    # at the first sampled token: the header before it is forced (log-prob 0) and the prefill is never compiled
+    first = int((uncompiled.logprobs != 0).all(0).nonzero()[0])
+    results["checks"]["compiled_vs_uncompiled_first_sampled_logprob_diff"] = float((eager.logprobs[:, first] - uncompiled.logprobs[:, first]).abs().max())
+    results["checks"]["checks_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(results["checks"]), flush=True)
 
     def well_formed(prompts, rollouts) -> float:
@@ -403,10 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     # -- the engine (CUDA graph where available), and the baseline engine with its defaults, whole completions
     baseline = load_module(args.baseline_engine, "baseline_engine") if args.baseline_engine else None
     heads = [v == "on" for v in args.visual_heads]
-    plans = [(n, args.max_tokens[0], b, v, "engine") for n in args.batches for b in args.attend_buckets for v in heads]
-    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0], "engine") for m in args.max_tokens[1:]]
-    plans += [(n, args.max_tokens[0], None, None, "baseline") for n in args.batches if baseline]
-    for n, max_tokens, bucket, visual, source in plans:
+    compiles = [c == "on" for c in args.compile]
+    plans = [(n, args.max_tokens[0], b, v, c, "engine") for n in args.batches for c in compiles for b in args.attend_buckets for v in heads]
+    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0], compiles[0], "engine") for m in args.max_tokens[1:]]
+    plans += [(n, args.max_tokens[0], None, None, None, "baseline") for n in args.batches if baseline]
+    for n, max_tokens, bucket, visual, compiled, source in plans:
         prompts = workload(layout, n, grid, seed=n)
         module = baseline if source == "baseline" else engine_module
         use_attention(module)
@@ -414,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         if source == "baseline":
             engine = baseline.HFEngine(model, layout, batch_size=n)
         else:
-            engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual)
+            engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual, compile=compiled)
+        warmup = timed(device, lambda: engine.generate(prompts[:2], [grid] * 2, sampling(3, module)))[1]  # compiles, once
         try:
             rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
         except torch.OutOfMemoryError as error:
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         filled = step_bytes(model, n, longest + steps / 2)
         record(dict(
             run=source if device.type == "cuda" else f"{source}_eager", batch=n, max_tokens=max_tokens, attend_bucket=bucket,
-            visual_head=visual,
+            visual_head=visual, compile=compiled, warmup_s=round(warmup, 1),
             prompt_tokens=longest,
             steps=steps, generated_tokens=generated, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
             decode_ms_per_step=round(per_step * 1e3, 3), tokens_per_s=round(generated / seconds, 1),
@@ -480,10 +492,10 @@ def main(argv: list[str] | None = None) -> None:
             for row in results.get(key, [])[:12]:
                 print(f"{key:<22}{row['ms_per_step']:>9.3f} ms{row['calls_per_step']:>8.1f}  {row['op']}")
 
-    print(f"\n{'run':<15}{'batch':>6}{'bucket':>8}{'head':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
+    print(f"\n{'run':<15}{'batch':>6}{'bucket':>8}{'head':>8}{'compile':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
     for r in results["runs"]:
         if "decode_ms_per_step" in r:
-            print(f"{r['run']:<15}{r['batch']:>6}{r.get('attend_bucket') or '':>8}{HEADS.get(r.get('visual_head'), ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
+            print(f"{r['run']:<15}{r['batch']:>6}{r.get('attend_bucket') or '':>8}{HEADS.get(r.get('visual_head'), ''):>8}{ {True: 'on', False: 'off'}.get(r.get('compile'), ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
                   f"{r['decode_ms_per_step']:>9.2f}{r['decode_tokens_per_s']:>14.1f}{r.get('seconds_per_128', float('nan')):>11.2f}"
                   f"{r['peak_gib']:>7.1f}")
     for r in results["runs"]:

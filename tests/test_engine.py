@@ -120,12 +120,12 @@ def test_the_cache_holds_only_the_slots_a_constrained_completion_can_reach(tiny,
         )
         exact = HFEngine(model, layout).generate(batch, grids, SamplingParams(max_tokens=longest_completion, seed=2))
         roomy = HFEngine(model, layout).generate(batch, grids, SamplingParams(max_tokens=3000, seed=2))
-        assert sizes[-2:] == [max(map(len, batch)) + longest_completion] * 2
+        assert sizes[-2:] == [max(map(len, batch)) + longest_completion + 1] * 2  # + the slot never written
         assert torch.equal(exact.tokens, roomy.tokens) and bool(roomy.finished.all())
         assert int(roomy.lengths.max()) == longest_completion
     free = [layout.prompt(np.zeros(g, dtype=int), "make the red circle blue", "") for g in grids]
     HFEngine(model, layout).generate(free, grids, SamplingParams(max_tokens=50, seed=2))
-    assert sizes[-1] == max(map(len, free)) + 50
+    assert sizes[-1] == max(map(len, free)) + 50 + 1
 
 
 def test_engine_of_another_dtype_samples_from_a_copy_that_sync_weights_refreshes(tiny):
@@ -309,3 +309,21 @@ def test_same_seed_same_samples(tiny):
     other = engine.generate(batch, [(3, 4)] * 4, SamplingParams(max_tokens=30, seed=6))
     assert torch.equal(first.tokens, again.tokens)
     assert not torch.equal(first.tokens, other.tokens)
+
+
+def test_the_compiled_decoder_samples_what_the_eager_one_does(tiny):
+    """``compile=True`` runs decode steps through ``torch.compile`` of the decoder (CUDA's default): the same
+    tokens and log-probabilities as the eager decoder, and one compilation serves two batch sizes and every
+    attention width, the last one (the whole cache but its spare slot) included."""
+    torch._dynamo.reset()
+    model, layout = tiny
+    params = SamplingParams(max_tokens=30, seed=3, grid_constraint=False)
+    compiled = HFEngine(model, layout, batch_size=4, attend_bucket=4, compile=True)
+    for n in (2, 3):  # 2 is also the model's KV-head count: the batch size must not be taken for it
+        batch = prompts(layout, n)
+        eager = HFEngine(model, layout, batch_size=n, attend_bucket=4).generate(batch, [(3, 4)] * n, params)
+        fast = compiled.generate(batch, [(3, 4)] * n, params)
+        assert int(eager.lengths.max()) == params.max_tokens  # every width up to the whole cache was used
+        assert torch.equal(eager.tokens, fast.tokens)
+        assert torch.allclose(eager.logprobs, fast.logprobs, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

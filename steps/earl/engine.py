@@ -413,15 +413,41 @@ class HFEngine:
     the ``codebook_size`` visual codes, so the step computes only the LM head's visual rows (32,768 of Emu3's
     184,622) and samples among them; off, every step computes and masks the whole vocabulary. Same tokens and
     log-probabilities either way.
+    ``compile``: decode steps call every decoder layer through one ``torch.compile``d function, which fuses a
+    layer's element-wise work (RMSNorm, RoPE, SiLU, residuals) into a few kernels instead of ~30 small ones;
+    ``None`` (default): on a CUDA device, where a decode step is that many small launches (on CPU compiling
+    costs more than it saves). One compilation with dynamic shapes serves every layer, batch size and attention
+    width.
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
-                 attend_bucket: int = 128, visual_head: bool = True, weights_from: torch.nn.Module | None = None):
+                 attend_bucket: int = 128, visual_head: bool = True, weights_from: torch.nn.Module | None = None,
+                 compile: bool | None = None):
         self.model, self.layout, self.ids, self.batch_size = model, layout, layout.ids, batch_size
         self.cuda_graph, self.prefill_tokens, self.attend_bucket = cuda_graph, prefill_tokens, attend_bucket
         self.visual_head = visual_head
         self.weights_from = weights_from
+        self.compile = compile
+        self._compiled_layer = None
         self.sync_weights()
+
+    def _layer_call(self):
+        """How a decode step calls a decoder layer: as is, or (``compile``) through one compiled function that every
+        layer shares. Regional compilation: one layer is traced once. Compiling the whole decoder (32 unrolled
+        layers) took more than 5 minutes on the GPU machine's host; this takes seconds."""
+        if not (self.model.device.type == "cuda" if self.compile is None else self.compile):
+            return _call_layer
+        if self._compiled_layer is None:
+            compiled = torch.compile(_call_layer, dynamic=True)
+
+            def run(layer, hidden, **inputs):
+                # Without duck shaping a batch of 128 rows stays a size of its own instead of being taken for the
+                # head size 128 (and compiled for that batch size only).
+                with torch.fx.experimental._config.patch(use_duck_shape=False):
+                    return compiled(layer, hidden, **inputs)
+
+            self._compiled_layer = run
+        return self._compiled_layer
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -464,16 +490,18 @@ class HFEngine:
         left = [tokens_left(h, continued(p, h), g) for p, h, g in zip(prompts, headers, grids)]
         if params.grid_constraint and None not in left:  # every length is known: no cache slot that none can reach
             max_tokens = min(max_tokens, max(left))
-        total = longest + max_tokens
-        # Left padding aligns every prompt's last token at the same cache slot.
+        total = longest + max_tokens  # the cache slots a step can write
+        # Left padding aligns every prompt's last token at the same cache slot. Cache and mask have one slot more,
+        # never written nor attended: every decode step then reads a strict prefix of them (a strided view), so
+        # one compiled decoder (``compile``) serves every width, the last one included.
         ids = torch.full((n, longest), self.ids.pad, dtype=torch.long)
-        mask = torch.zeros((n, total), dtype=torch.long)
+        mask = torch.zeros((n, total + 1), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, longest - len(prompt) :] = torch.tensor(prompt)
             mask[i, longest - len(prompt) : longest] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
-        cache = StaticCache(config=model.config, max_cache_len=total)
+        cache = StaticCache(config=model.config, max_cache_len=total + 1)
         constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
         chunk = max(1, self.prefill_tokens // n)
         for start in range(0, longest, chunk):
@@ -492,7 +520,8 @@ class HFEngine:
         token = torch.zeros(n, dtype=torch.long, device=device)
         next_position = position[:, -1:] + 1
         attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        decoder, head, call_layer = model.get_decoder(), model.get_output_embeddings(), self._layer_call()
+        layer_caches = [_OneLayer(layer) for layer in cache.layers]
         codes = slice(self.ids.visual_base, self.ids.visual_base + self.ids.codebook_size)
         visual_rows = head.weight[codes]  # a view: sync_weights' in-place copies reach it
         visual_bias = None if head.bias is None else head.bias[codes]
@@ -521,12 +550,15 @@ class HFEngine:
             commit(torch.where(forced >= 0, forced, code + self.ids.visual_base), torch.where(forced >= 0, 0.0, logp))
 
         def decode(width: int, in_image: bool) -> None:
+            """One token per sequence: the decoder's forward (embedding, layers, norm) for one query token."""
             slot = step + (longest - 1)  # the cache slot of the token chosen last
             attend.index_fill_(-1, slot[None], True)
-            hidden = decoder(
-                input_ids=token[:, None], attention_mask=attend[..., :width], position_ids=next_position,
-                past_key_values=cache, cache_position=slot[None], use_cache=True,
-            ).last_hidden_state[:, -1]
+            hidden = decoder.embed_tokens(token[:, None])
+            rope = decoder.rotary_emb(hidden, position_ids=next_position)
+            for layer, layer_cache in zip(decoder.layers, layer_caches):
+                hidden = call_layer(layer, hidden, attention_mask=attend[..., :width], position_embeddings=rope,
+                                    position_ids=next_position, past_key_values=layer_cache)
+            hidden = decoder.norm(hidden)[:, -1]
             next_position.add_(1)
             choose_in_image(hidden) if in_image else choose(head(hidden))
 
@@ -555,6 +587,23 @@ class HFEngine:
                     break
         steps = int(lengths.max())
         return Rollouts(tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), lengths.cpu(), done.cpu())
+
+
+def _call_layer(layer, hidden: torch.Tensor, **inputs) -> torch.Tensor:
+    """A decoder layer's forward with the layer as an argument: compiled, one trace serves every layer."""
+    return layer(hidden, **inputs)
+
+
+class _OneLayer:
+    """One layer's part of a :class:`~transformers.StaticCache`, as that layer's attention calls it
+    (``update(key, value, layer_idx)``). It ignores ``layer_idx``, which is what lets one compiled function serve
+    every layer: nothing in a layer's trace depends on which layer it is."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layer.update(key_states, value_states, *args, **kwargs)
 
 
 def _captured(step, pool) -> torch.cuda.CUDAGraph:
