@@ -415,9 +415,10 @@ class HFEngine:
     log-probabilities either way.
     ``compile``: decode steps call every decoder layer through one ``torch.compile``d function, which fuses a
     layer's element-wise work (RMSNorm, RoPE, SiLU, residuals) into a few kernels instead of ~30 small ones;
-    ``None`` (default): on a CUDA device, where a decode step is that many small launches (on CPU compiling
-    costs more than it saves). One compilation with dynamic shapes serves every layer, batch size and attention
-    width.
+    ``None`` (default): on a CUDA device, where a decode step is that many small launches. On CPU it is off by
+    default: the default pipeline's GRPO spends 147 of 521 s in rollouts, where ~30 % faster steps would about
+    pay for the 15-25 s compilation, and Inductor needs a C++ compiler there. One compilation with dynamic
+    shapes serves every layer, batch size and attention width.
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
