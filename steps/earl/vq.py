@@ -323,8 +323,9 @@ def train_vq(vq: Emu3VQVAE, pairs: list[tuple[Image.Image, Image.Image]], cfg,
     data = torch.stack([torch.stack([to_pixels(a), to_pixels(b)]) for a, b in pairs]).to(vq.device, vq.dtype)
     batch_size = min(cfg.batch_size, len(data))
     codebook = vq.quantize.embedding.weight
-    # no weight decay: it would pull unused and rare codes towards 0, away from the latents they stand for
-    optimizer = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    # no weight decay: it would pull unused and rare codes towards 0, away from the latents they stand for.
+    # foreach: on CPU torch's default is a loop over the ~100 small tensors, 13 % of a step; same updates bit for bit
+    optimizer = torch.optim.AdamW(vq.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0, foreach=True)
     counts = torch.zeros(len(codebook), dtype=torch.long, device=codebook.device)  # use since the last check
     order, history = np.empty(0, dtype=np.int64), []
     vq.train()
@@ -482,7 +483,8 @@ def sharpen_encoder(vq: Emu3VQVAE, images: list[Image.Image], cfg, seed: int,
     codes = vq.quantize.embedding.weight.detach()[in_use]  # [K, C], fixed
     spacing = torch.cdist(codes, codes).square()
     tau = cfg.temperature * spacing[spacing > 0].median()
-    optimizer = torch.optim.AdamW([*vq.encoder.parameters(), *vq.quant_conv.parameters()], lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([*vq.encoder.parameters(), *vq.quant_conv.parameters()], lr=cfg.lr, weight_decay=0.0,
+                                  foreach=True)  # as train_vq's
     vq.eval()
     order = np.empty(0, dtype=np.int64)
     for _ in range(cfg.steps):
