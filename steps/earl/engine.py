@@ -418,7 +418,8 @@ class HFEngine:
     ``None`` (default): on a CUDA device, where a decode step is that many small launches. On CPU it is off by
     default: the default pipeline's GRPO spends 147 of 521 s in rollouts, where ~30 % faster steps would about
     pay for the 15-25 s compilation, and Inductor needs a C++ compiler there. One compilation with dynamic
-    shapes serves every layer, batch size and attention width.
+    shapes serves every layer, batch size and attention width. ``TORCH_COMPILE_DISABLE=1`` in a step's
+    environment turns it off without a code change (torch's own switch).
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
