@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--visual-heads", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.visual_head "
                         "values to time whole completions with (off: the whole vocabulary at every step)")
     parser.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.compile values to "
-                        "time whole completions with (on: the decoder through torch.compile, CUDA's default)")
+                        "time whole completions with (on: the decoder layers through torch.compile, CUDA's default)")
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--baseline-engine", help="an engine.py (e.g. of an earlier commit) to time beside this one")
     parser.add_argument("--profile", action="store_true")

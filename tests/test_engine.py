@@ -311,11 +311,12 @@ def test_same_seed_same_samples(tiny):
     assert not torch.equal(first.tokens, other.tokens)
 
 
-def test_the_compiled_decoder_samples_what_the_eager_one_does(tiny):
-    """``compile=True`` runs decode steps through ``torch.compile`` of the decoder (CUDA's default): the same
-    tokens and log-probabilities as the eager decoder, and one compilation serves two batch sizes and every
-    attention width, the last one (the whole cache but its spare slot) included."""
+def test_the_compiled_layers_sample_what_the_eager_ones_do(tiny):
+    """``compile=True`` (CUDA's default) calls every decoder layer through one compiled function: the same tokens
+    and log-probabilities as the layers run as written, and one compilation serves both layers, two batch sizes
+    and every attention width, the last one (the whole cache but its spare slot) included."""
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model, layout = tiny
     params = SamplingParams(max_tokens=30, seed=3, grid_constraint=False)
     compiled = HFEngine(model, layout, batch_size=4, attend_bucket=4, compile=True)
@@ -326,4 +327,4 @@ def test_the_compiled_decoder_samples_what_the_eager_one_does(tiny):
         assert int(eager.lengths.max()) == params.max_tokens  # every width up to the whole cache was used
         assert torch.equal(eager.tokens, fast.tokens)
         assert torch.allclose(eager.logprobs, fast.logprobs, atol=1e-4)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1

@@ -495,7 +495,7 @@ class HFEngine:
         total = longest + max_tokens  # the cache slots a step can write
         # Left padding aligns every prompt's last token at the same cache slot. Cache and mask have one slot more,
         # never written nor attended: every decode step then reads a strict prefix of them (a strided view), so
-        # one compiled decoder (``compile``) serves every width, the last one included.
+        # one compiled layer function (``compile``) serves every width, the last one included.
         ids = torch.full((n, longest), self.ids.pad, dtype=torch.long)
         mask = torch.zeros((n, total + 1), dtype=torch.long)
         for i, prompt in enumerate(prompts):
