@@ -108,8 +108,11 @@ def test_the_visual_head_samples_what_the_whole_vocabulary_would(tiny):
 
 def test_the_cache_holds_only_the_slots_a_constrained_completion_can_reach(tiny, monkeypatch):
     """With the image opened in every prompt, the grid fixes each completion's length: a generous ``max_tokens``
-    (evaluation's 3,000) costs no cache memory and changes no token. Free text first: ``max_tokens`` it is."""
+    (evaluation's 3,000) costs no cache memory and changes no token. Free text first: ``max_tokens`` it is.
+    Either way the slots are rounded up to a multiple of ``attend_bucket`` (aligned attention widths), plus
+    one slot never written."""
     model, layout = tiny
+    rounded = lambda slots: -(-slots // 8) * 8 + 1  # noqa: E731
     sizes = []
     monkeypatch.setattr(engine_module, "StaticCache", lambda **kw: sizes.append(kw["max_cache_len"]) or StaticCache(**kw))
     grids = [(3, 4), (2, 5), (4, 1)]
@@ -118,14 +121,14 @@ def test_the_cache_holds_only_the_slots_a_constrained_completion_can_reach(tiny,
         longest_completion = max(  # the rest of the header, H rows of W codes + EOL, EOF, EOI, EOS
             len(h) - written(h) + rows * (cols + 1) + 3 for h, (rows, cols) in zip([grid_header(layout, g) for g in grids], grids)
         )
-        exact = HFEngine(model, layout).generate(batch, grids, SamplingParams(max_tokens=longest_completion, seed=2))
-        roomy = HFEngine(model, layout).generate(batch, grids, SamplingParams(max_tokens=3000, seed=2))
-        assert sizes[-2:] == [max(map(len, batch)) + longest_completion + 1] * 2  # + the slot never written
+        exact = HFEngine(model, layout, attend_bucket=8).generate(batch, grids, SamplingParams(max_tokens=longest_completion, seed=2))
+        roomy = HFEngine(model, layout, attend_bucket=8).generate(batch, grids, SamplingParams(max_tokens=3000, seed=2))
+        assert sizes[-2:] == [rounded(max(map(len, batch)) + longest_completion)] * 2
         assert torch.equal(exact.tokens, roomy.tokens) and bool(roomy.finished.all())
         assert int(roomy.lengths.max()) == longest_completion
     free = [layout.prompt(np.zeros(g, dtype=int), "make the red circle blue", "") for g in grids]
-    HFEngine(model, layout).generate(free, grids, SamplingParams(max_tokens=50, seed=2))
-    assert sizes[-1] == max(map(len, free)) + 50 + 1
+    HFEngine(model, layout, attend_bucket=8).generate(free, grids, SamplingParams(max_tokens=50, seed=2))
+    assert sizes[-1] == rounded(max(map(len, free)) + 50)
 
 
 def test_engine_of_another_dtype_samples_from_a_copy_that_sync_weights_refreshes(tiny):

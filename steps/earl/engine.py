@@ -368,6 +368,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     the same scores, no copy. Only the first ``attention_mask.shape[-1]`` cache slots are read: the engine passes
     the mask of the slots filled so far (rounded up to ``attend_bucket``), not of the whole static cache. Prefill
     (more than one query token) goes to transformers' own SDPA function.
+
+    Inside ``torch.compile`` (``HFEngine(compile=...)``) the decode attention is written out instead
+    (:func:`_decode_attention`): Inductor fuses mask and softmax between two cuBLAS matmuls, which on an H200
+    read the cache at 3.5-3.7 TB/s against 2.9 for cuDNN's masked SDPA kernel (batch 128, 1,664 slots;
+    benchmarks/RESULTS.md). Run op by op, SDPA's one kernel is the faster of the two.
     """
     batch, heads, length, dim = query.shape
     if length > 1:
@@ -376,8 +381,20 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    if torch.compiler.is_compiling():
+        out = _decode_attention(grouped, key, value, attention_mask, dim**-0.5 if scaling is None else scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, 1, heads, dim), None
+
+
+def _decode_attention(query, key, value, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v with the numerics of transformers' eager attention: scores in the model's
+    dtype, softmax in float32. The widths the engine passes are multiples of 8 slots: with rows of scores that
+    are not 16-byte aligned, cuBLAS ran both matmuls with its slow align-2 kernels (24 against 15 ms per step)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(value.dtype), value)
 
 
 AttentionInterface.register(ATTENTION, _attention)
@@ -404,7 +421,8 @@ class HFEngine:
     most this many tokens (rows × slice length), because one pass over a whole batch of 1,100-token prompts
     needs ~4 GiB per MLP activation at batch 128, which with the KV cache does not fit an 80 GB GPU.
     ``attend_bucket``: a decode step attends over the cache slots filled so far rounded up to a multiple of this,
-    not over the whole static cache (half of which is empty on average), with one CUDA graph per length.
+    not over the whole static cache (half of which is empty on average), with one CUDA graph per length. Keep it
+    a multiple of 8: the compiled attention's matmuls are fast only on 16-byte aligned rows.
     The static cache holds each batch's longest prompt plus ``max_tokens`` slots, or fewer when every prompt has
     opened its image (RL's and evaluation's prefills): then the grid fixes every completion's length, and a
     generous ``max_tokens`` (evaluation's 3,000) costs no memory.
@@ -492,18 +510,22 @@ class HFEngine:
         left = [tokens_left(h, continued(p, h), g) for p, h, g in zip(prompts, headers, grids)]
         if params.grid_constraint and None not in left:  # every length is known: no cache slot that none can reach
             max_tokens = min(max_tokens, max(left))
-        total = longest + max_tokens  # the cache slots a step can write
-        # Left padding aligns every prompt's last token at the same cache slot. Cache and mask have one slot more,
-        # never written nor attended: every decode step then reads a strict prefix of them (a strided view), so
-        # one compiled layer function (``compile``) serves every width, the last one included.
+        bucket = self.attend_bucket
+        # Left padding aligns every prompt's last token at the same cache slot. A decode step attends over the
+        # slots written so far rounded up to a multiple of ``attend_bucket`` slots, counted from slot 0: widths
+        # that are multiples of 8 keep the attention's rows 16-byte aligned, which cuBLAS needs for its fast
+        # kernels. Cache and mask have one slot more than the widest step, never written nor attended: every
+        # step then reads a strict prefix of them (a strided view), so one compiled layer function (``compile``)
+        # serves every width, the last one included.
+        slots = -(-(longest + max_tokens) // bucket) * bucket + 1
         ids = torch.full((n, longest), self.ids.pad, dtype=torch.long)
-        mask = torch.zeros((n, total + 1), dtype=torch.long)
+        mask = torch.zeros((n, slots), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, longest - len(prompt) :] = torch.tensor(prompt)
             mask[i, longest - len(prompt) : longest] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
-        cache = StaticCache(config=model.config, max_cache_len=total + 1)
+        cache = StaticCache(config=model.config, max_cache_len=slots)
         constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
         chunk = max(1, self.prefill_tokens // n)
         for start in range(0, longest, chunk):
@@ -575,7 +597,7 @@ class HFEngine:
         in_image = status()[1]  # sequences never leave their image block once in it: checked every few steps
         for t in range(1, max_tokens):
             # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a bucket
-            width = min(total, longest + -(-t // self.attend_bucket) * self.attend_bucket)
+            width = -(-(longest + t) // bucket) * bucket
             key = (width, in_image)
             if key in graphs:
                 graphs[key].replay()
