@@ -325,7 +325,7 @@ def test_sharpening_teaches_the_encoder_each_cells_merged_code_and_leaves_the_co
     _, grids = V.merge_synonyms(vq, images)
     targets = V.patch_codes(vq, images)
     fixed = {name: p.detach().clone() for name, p in vq.named_parameters() if not name.startswith(("encoder.", "quant_conv."))}
-    facts = V.sharpen_encoder(vq, images, types.SimpleNamespace(steps=40, images_per_step=16, lr=1e-3, temperature=0.01), seed=0,
+    facts = V.sharpen_encoder(vq, images, types.SimpleNamespace(steps=40, images_per_step=16, lr=1e-3, temperature=0.01, shuffle_cells=0.0), seed=0,
                               grids=grids)
     miscoded = sum(int((g != t).sum()) for g, t in zip(V.encode(vq, images), targets))
     assert facts["cells"] == 40 * 36 and facts["miscoded_after"] == miscoded
@@ -333,3 +333,16 @@ def test_sharpening_teaches_the_encoder_each_cells_merged_code_and_leaves_the_co
     for name, p in vq.named_parameters():
         if name in fixed:
             assert torch.equal(p, fixed[name]), name  # the decoder still renders each code as it did
+
+
+def test_shuffle_cells_reorders_each_images_own_cells_with_their_labels():
+    pixels, rows, cols = torch.randn(4, 3, 24, 32), 3, 4
+    labels = torch.arange(4 * rows * cols).reshape(4, rows, cols)  # each cell's own id: where it came from
+    x, y = V.shuffle_cells(pixels, labels, 3, torch.Generator().manual_seed(0))
+    cells = lambda t: t.reshape(len(t), 3, rows, 8, cols, 8).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, 8, 8)  # noqa: E731
+    assert torch.equal(cells(x), cells(pixels)[y.flatten()])  # every cell's label moved with its pixels
+    for i in range(3):  # a permutation of the image's own cells, not the identity
+        assert sorted(y[i].flatten().tolist()) == sorted(labels[i].flatten().tolist()) and not torch.equal(y[i], labels[i])
+    assert torch.equal(x[3], pixels[3]) and torch.equal(y[3], labels[3])  # past `count`: untouched
+    same = V.shuffle_cells(pixels, labels, 0, torch.Generator())
+    assert same[0] is pixels and same[1] is labels

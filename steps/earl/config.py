@@ -130,6 +130,8 @@ class Sharpen(Section):
     lr: float = Field(gt=0)
     temperature: float = Field(0.01, gt=0, description="of the logits -d², as a fraction of the median squared "
                                "distance between the codes in use: small enough that only near misses count")
+    shuffle_cells: float = Field(0.0, ge=0, le=1, description="fraction of each step's images shown with their "
+                                 "cells in a random order: every patch beside neighbours the data never gave it")
 
 
 class TrainedVQ(Section):

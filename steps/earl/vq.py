@@ -467,12 +467,14 @@ def sharpen_encoder(vq: Emu3VQVAE, images: list[Image.Image], cfg, seed: int,
     median squared spacing, so cells well inside their code's region add nothing and the near misses drive the
     update (at τ = 0.2 of the spacing, the soft probabilities of every cell pulled the shared encoder around and
     the errors grew 4-13-fold: benchmarks/RESULTS.md). Eval mode throughout, so normalisation behaves as in
-    ``encode``. ``cfg`` needs ``steps, images_per_step, lr, temperature``; ``grids``: ``images``' codes now,
-    when the caller has them (:func:`merge_synonyms` does). Returns the cells of ``images`` coded as another
+    ``encode``. ``cfg`` needs ``steps, images_per_step, lr, temperature, shuffle_cells`` (the fraction of each step's
+    images shown through :func:`shuffle_cells`); ``grids``: ``images``' codes now, when the caller has them
+    (:func:`merge_synonyms` does). Returns the cells of ``images`` coded as another
     patch's code before and after.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    generator = torch.Generator(vq.device).manual_seed(seed)
     grids = encode(vq, images) if grids is None else grids
     targets = patch_codes(vq, images, grids)
     in_use = sorted({int(code) for grid in targets for code in grid.flat})
@@ -491,13 +493,36 @@ def sharpen_encoder(vq: Emu3VQVAE, images: list[Image.Image], cfg, seed: int,
         if len(order) < cfg.images_per_step:
             order = rng.permutation(len(pixels))
         batch, order = torch.from_numpy(order[: cfg.images_per_step]).to(vq.device), order[cfg.images_per_step:]
-        z = _flat(latents(vq, pixels[batch]))  # [B·h·w, C], cells in reading order like labels[batch]
-        loss = F.cross_entropy(-torch.cdist(z, codes).square() / tau, labels[batch].flatten())
+        x, y = shuffle_cells(pixels[batch], labels[batch], round(cfg.shuffle_cells * len(batch)), generator)
+        z = _flat(latents(vq, x))  # [B·h·w, C], cells in reading order like y
+        loss = F.cross_entropy(-torch.cdist(z, codes).square() / tau, y.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     before, after = (sum(int((g != t).sum()) for g, t in zip(codes_of, targets)) for codes_of in (grids, encode(vq, images)))
     return {"cells": int(labels.numel()), "miscoded_before": before, "miscoded_after": after}
+
+
+def shuffle_cells(pixels: torch.Tensor, labels: torch.Tensor, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images, each with its own cells in a random order; each cell's label moves with it.
+
+    The encoder sees beyond a cell (3×3 convolutions, the mid-block attention), so a patch it codes right in every
+    training picture can still get another code in an arrangement the data never had: the default world lost
+    one validation object that way (benchmarks/RESULTS.md). A shuffled image keeps its background and objects
+    and shows each patch beside new neighbours and at new places. Shuffling cells across images (mixed
+    backgrounds) left 206 training cells miscoded instead of 8.
+    """
+    if count == 0:
+        return pixels, labels
+    n, channels, height, width = pixels[:count].shape
+    rows, cols = labels.shape[1:]
+    f = height // rows
+    cells = pixels[:count].reshape(n, channels, rows, f, cols, f).permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, channels, f, f)
+    order = torch.stack([torch.randperm(rows * cols, generator=generator, device=cells.device) for _ in range(n)])
+    shuffled = cells[torch.arange(n, device=cells.device)[:, None], order]
+    shuffled = shuffled.reshape(n, rows, cols, channels, f, f).permute(0, 3, 1, 4, 2, 5).reshape(n, channels, height, width)
+    moved = labels[:count].reshape(n, rows * cols).gather(1, order).reshape(n, rows, cols)
+    return torch.cat([shuffled, pixels[count:]]), torch.cat([moved, labels[count:]])
 
 
 # ----------------------------------------------------------------------------------------------- step
