@@ -346,3 +346,5 @@ def test_shuffle_cells_reorders_each_images_own_cells_with_their_labels():
     assert torch.equal(x[3], pixels[3]) and torch.equal(y[3], labels[3])  # past `count`: untouched
     same = V.shuffle_cells(pixels, labels, 0, torch.Generator())
     assert same[0] is pixels and same[1] is labels
+    with pytest.raises(ValueError, match="not whole 3x4 grids"):
+        V.shuffle_cells(pixels[:, :, :20], labels, 1, torch.Generator())  # 20 rows of pixels: no whole 8-px cells
