@@ -510,14 +510,14 @@ class HFEngine:
         left = [tokens_left(h, continued(p, h), g) for p, h, g in zip(prompts, headers, grids)]
         if params.grid_constraint and None not in left:  # every length is known: no cache slot that none can reach
             max_tokens = min(max_tokens, max(left))
-        bucket = self.attend_bucket
+        bucketed = lambda count: -(-count // self.attend_bucket) * self.attend_bucket  # noqa: E731 (rounded up)
         # Left padding aligns every prompt's last token at the same cache slot. A decode step attends over the
         # slots written so far rounded up to a multiple of ``attend_bucket`` slots, counted from slot 0: widths
         # that are multiples of 8 keep the attention's rows 16-byte aligned, which cuBLAS needs for its fast
         # kernels. Cache and mask have one slot more than the widest step, never written nor attended: every
         # step then reads a strict prefix of them (a strided view), so one compiled layer function (``compile``)
         # serves every width, the last one included.
-        slots = -(-(longest + max_tokens) // bucket) * bucket + 1
+        slots = bucketed(longest + max_tokens) + 1
         ids = torch.full((n, longest), self.ids.pad, dtype=torch.long)
         mask = torch.zeros((n, slots), dtype=torch.long)
         for i, prompt in enumerate(prompts):
@@ -597,7 +597,7 @@ class HFEngine:
         in_image = status()[1]  # sequences never leave their image block once in it: checked every few steps
         for t in range(1, max_tokens):
             # step t reads slots 0 .. longest - 1 + t: attend over that many, rounded up to a bucket
-            width = -(-(longest + t) // bucket) * bucket
+            width = bucketed(longest + t)
             key = (width, in_image)
             if key in graphs:
                 graphs[key].replay()
