@@ -280,13 +280,13 @@ def build_vq(tiny: bool, layout: Layout, device: torch.device, dtype: torch.dtyp
         return Emu3VQVAE(Emu3VQVAEConfig(**sizes)).to(dtype).eval()
 
 
-def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.device, dtype: torch.dtype, out: Path | None) -> dict:
+def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.device, dtype: torch.dtype, png_threads: int,
+                     out: Path | None) -> dict:
     """``n`` edits the way ``earl edit`` and the evaluator make them, timed from source pixels to PNG bytes: VQ
     encode of ``n`` random 256×256 images (Emu3-VisionTokenizer's shape, random weights), the evaluation prompt
     (header pre-filled), one batch through the engine with spec §D.3's sampling (T = 1, top-k 2,048,
-    ``evaluate.max_tokens`` 3,000 of cache room), VQ decode, PNG encoding."""
-    import io
-
+    ``evaluate.max_tokens`` 3,000 of cache room), VQ decode, PNG encoding in ``png_threads`` threads. The engine's
+    prefill of the same prompts is timed apart afterwards (``prefill_s``, inside ``engine_s``)."""
     from PIL import Image
 
     from earl import heldout, vq as vq_codec
@@ -301,28 +301,32 @@ def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.de
 
     timers = Timers(lambda: sync(device))
     encode = timers.wrap(vq_codec.encode, "vq_encode")
+    to_png = timers.wrap(vq_codec.png_bytes, "png")
     engine.generate = timers.wrap(engine.generate, "engine")  # edit_rows runs it between encode and decode
+    decode = vq_codec.decode
+    rows = []
 
     def run() -> list[bytes]:
         grids = encode(vq, images, batch_size=n)
-        rows = [{"source_codes": codes, "instruction": " ".join(WORDS[: 4 + i % 16])} for i, codes in enumerate(grids)]
-        pngs = []
-        for image in heldout.edit_rows(engine, layout, vq, rows, EVAL_PREFILL, params):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            pngs.append(buffer.getvalue())
-        return pngs
+        rows[:] = [{"source_codes": codes, "instruction": " ".join(WORDS[: 4 + i % 16])} for i, codes in enumerate(grids)]
+        return to_png(heldout.edit_rows(engine, layout, vq, rows, EVAL_PREFILL, params), png_threads)
 
-    timed(device, run)  # warm-up: cuDNN autotuning, allocator
-    timers.take()
-    pngs, seconds, peak = timed(device, run)
+    vq_codec.decode = timers.wrap(decode, "vq_decode")  # what heldout.edit_rows calls after the engine
+    try:
+        timed(device, run)  # warm-up: cuDNN autotuning, allocator
+        timers.take()
+        pngs, seconds, peak = timed(device, run)
+    finally:
+        vq_codec.decode = decode
     phases = timers.take()
+    prompts = [layout.prompt(np.asarray(r["source_codes"]), r["instruction"], EVAL_PREFILL) for r in rows]
+    prefill = prefill_seconds(model, prompts, layout, 1100, device)
     if out:
         (out / "edit_0.png").write_bytes(pngs[0])
     split = {f"{name}_s": round(value, 4) for name, value in phases.items()}  # the tiny smoke test takes milliseconds
-    rest = seconds - sum(phases.values())  # prompts, grid parsing, VQ decode, PNG encoding
-    return dict(run="edits_end_to_end", edits=n, pngs=len(pngs), seconds=round(seconds, 4), **split,
-                vq_decode_and_png_s=round(rest, 4), peak_gib=round(peak, 2))
+    rest = seconds - sum(phases.values())  # prompts, grid parsing
+    return dict(run="edits_end_to_end", edits=n, pngs=len(pngs), seconds=round(seconds, 4), **split, other_s=round(rest, 4),
+                prefill_s=round(prefill, 4), png_threads=png_threads, peak_gib=round(peak, 2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--short-batches", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--edits", type=int, default=0, help="also time this many edits end to end (256x256 pixels "
                         "in, PNG out: VQ encode, engine, VQ decode)")
+    parser.add_argument("--png-threads", type=int, default=os.cpu_count(), help="threads encoding the edits' PNGs")
     parser.add_argument("--short-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[1100], help="static cache room per completion; "
                         "with several values the largest --short-batches size runs once per extra value")
@@ -480,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
 
     use_attention(engine_module)
     if args.edits:
-        record(edits_end_to_end(model, layout, args.edits, args.tiny, device, dtype, out))
+        record(edits_end_to_end(model, layout, args.edits, args.tiny, device, dtype, args.png_threads, out))
 
     if args.profile:
         n = max(args.short_batches)
@@ -505,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results["runs"]:
         if r["run"] == "edits_end_to_end":
             print(f"{r['edits']} edits end to end (pixels in, PNG out): {r['seconds']:.2f} s (VQ encode {r['vq_encode_s']:.2f}, "
-                  f"engine {r['engine_s']:.2f}, VQ decode and PNG {r['vq_decode_and_png_s']:.2f})")
+                  f"engine {r['engine_s']:.2f} of which prefill {r['prefill_s']:.2f}, VQ decode {r['vq_decode_s']:.2f}, "
+                  f"PNG {r['png_s']:.2f} in {r['png_threads']} threads, other {r['other_s']:.2f})")
     print(f"copy bandwidth {bandwidth:.0f} GB/s; checks {results['checks']}")
 
 

@@ -31,10 +31,11 @@ Variants (``--variants``; each a preset name or ``key=value,...`` of the fields 
 * ``varlen_fusedce_nockpt`` (d) + no checkpointing (fits only because the model has few layers).
 * ``varlen_fusedce_compile`` (d) + ``torch.compile`` of each layer's attention, MLP and norms (checkpointing on);
   ``..._compile_half``: and every other layer checkpointed; ``..._compile_nockpt``: whole layers compiled, no
-  checkpointing.
+  checkpointing. ``..._pad``: the same with the LM head's rows padded to a multiple of 64 inside the chunked loss
+  (aligned rows of logits for cuBLAS).
 
 Fields: ``layout`` padded|packed, ``attn`` sdpa|varlen, ``loss`` hf|fused|fused_eager, ``ckpt`` full|half|none,
-``compile`` 0 (none) | 1 (attention, MLP, norms) | 2 (whole decoder layers).
+``compile`` 0 (none) | 1 (attention, MLP, norms) | 2 (whole decoder layers), ``pad`` 0 | rows (LM head, fused loss).
 
 FLOPs (the MFU numerator, per optimizer step, real tokens only: padding and checkpoint recomputation are not
 counted): ``6 * N * tokens + attention``, where ``N`` = parameters of the decoder layers and the final norm plus
@@ -88,7 +89,12 @@ PRESETS = {
     "varlen_fusedce_compile": dict(layout="packed", attn="varlen", loss="fused", ckpt="full", compile=1),
     "varlen_fusedce_compile_half": dict(layout="packed", attn="varlen", loss="fused", ckpt="half", compile=1),
     "varlen_fusedce_compile_nockpt": dict(layout="packed", attn="varlen", loss="fused", ckpt="none", compile=2),
+    "varlen_fusedce_compile_pad": dict(layout="packed", attn="varlen", loss="fused", ckpt="full", compile=1, pad=64),
+    "varlen_fusedce_compile_half_pad": dict(layout="packed", attn="varlen", loss="fused", ckpt="half", compile=1, pad=64),
+    "varlen_fusedce_compile_nockpt_pad": dict(layout="packed", attn="varlen", loss="fused", ckpt="none", compile=2, pad=64),
 }
+for _spec in PRESETS.values():  # LM-head rows padded to a multiple of ``pad`` in the chunked loss; 0: none
+    _spec.setdefault("pad", 0)
 DEFAULT_VARIANTS = list(PRESETS)
 
 
@@ -100,7 +106,7 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, _, value = part.partition("=")
         if key not in spec:
             raise SystemExit(f"unknown variant {text!r}: presets {list(PRESETS)} or key=value of {list(spec)}")
-        spec[key] = int(value) if key == "compile" else value
+        spec[key] = int(value) if key in ("compile", "pad") else value
     return text, spec
 
 
@@ -214,9 +220,12 @@ def set_attention(model, name: str) -> None:
 # ----------------------------------------------------------------------------- chunked linear + cross-entropy
 
 
-def _ce_chunk_math(logits, safe, m, count):
-    """Loss sum and d(mean loss)/d(logits) of one chunk: one fused kernel pair under torch.compile."""
+def _ce_chunk_math(logits, safe, m, count, vocab=None):
+    """Loss sum and d(mean loss)/d(logits) of one chunk: one fused kernel pair under torch.compile. Columns from
+    ``vocab`` on are padding (:class:`ChunkedLinearCrossEntropy`'s ``pad_to``): no probability, zero gradient."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if vocab is not None and vocab < x.shape[1]:
+        x = x.masked_fill(torch.arange(x.shape[1], device=x.device)[None, :] >= vocab, float("-inf"))
     lse = torch.logsumexp(x, dim=-1)
     loss = ((lse - x.gather(1, safe[:, None]).squeeze(1)) * m).sum()
     hit = torch.arange(x.shape[1], device=x.device)[None, :] == safe[:, None]
@@ -244,26 +253,33 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     ``compiled``: the per-chunk softmax/gradient arithmetic as one torch.compile'd function (a few passes over
     bf16 logits) instead of eager in-place fp32 passes; the weight gradient accumulates in the weight's dtype
     through ``addmm_`` (eager: an fp32 buffer).
+    ``pad_to``: the weight gets zero rows up to a multiple of this many (Emu3's 184,622 → 184,640 for 64), whose
+    logits are masked out. With 184,622 columns the rows of the logits and of their gradient are not 16-byte
+    aligned, and cuBLAS runs all three LM-head matmuls with its slow unaligned kernels.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, compiled=False):
+    def forward(ctx, hidden, weight, targets, chunk, compiled=False, pad_to=0):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16 inputs (float64 in the check)
         math_fn = _ce_math(compiled and hidden.is_cuda)
+        vocab = weight.shape[0]
+        width = -(-vocab // pad_to) * pad_to if pad_to else vocab
+        rows = F.pad(weight, (0, 0, 0, width - vocab)) if width != vocab else weight  # [width, hidden]
         valid = targets != -100
         count = valid.sum().clamp(min=1).to(acc)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         gw_dtype = weight.dtype if math_fn is not None else acc
-        grad_weight = torch.zeros(weight.shape, dtype=gw_dtype, device=weight.device) if weight.requires_grad else None
+        grad_weight = torch.zeros(rows.shape, dtype=gw_dtype, device=weight.device) if weight.requires_grad else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h, t, m = hidden[s : s + chunk], targets[s : s + chunk], valid[s : s + chunk]
             safe = t.clamp(min=0)
             if math_fn is not None:
-                part, g = math_fn(h @ weight.t(), safe, m, count)
+                part, g = math_fn(h @ rows.t(), safe, m, count, vocab)
                 loss += part
             else:
-                logits = (h @ weight.t()).to(acc)  # [c, V]
+                logits = (h @ rows.t()).to(acc)  # [c, width]
+                logits[:, vocab:] = float("-inf")
                 lse = torch.logsumexp(logits, dim=-1)
                 loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * m).sum()
                 if grad_hidden is None and grad_weight is None:
@@ -274,13 +290,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = g.to(hidden.dtype)
                 del logits
             if grad_hidden is not None:
-                torch.mm(g, weight, out=grad_hidden[s : s + chunk])
+                torch.mm(g, rows, out=grad_hidden[s : s + chunk])
             if grad_weight is not None:
                 if grad_weight.dtype == g.dtype:
                     grad_weight.addmm_(g.t(), h)
                 else:
                     grad_weight += (g.t() @ h).to(acc)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight[:vocab])
         ctx.weight_dtype = weight.dtype
         return loss / count
 
@@ -289,7 +305,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_out.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -421,7 +437,7 @@ def loss_of(model, spec: dict, batch: dict, chunk: int):
     hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                          **extra).last_hidden_state
     return ChunkedLinearCrossEntropy.apply(hidden[0], model.lm_head.weight, batch["targets"], chunk,
-                                           spec["loss"] == "fused")
+                                           spec["loss"] == "fused", spec["pad"])
 
 
 def sync(device):
@@ -447,11 +463,13 @@ def check_fused_ce() -> dict:
     t[::5] = -100
     ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
     gh_ref, gw_ref = torch.autograd.grad(ref * 1.7, (h, w))
-    out = ChunkedLinearCrossEntropy.apply(h, w, t, 8)
-    gh, gw = torch.autograd.grad(out * 1.7, (h, w))
     rel = lambda a, b: float((a - b).detach().norm() / b.detach().norm())  # noqa: E731
-    res = dict(loss=rel(out, ref), grad_hidden=rel(gh, gh_ref), grad_weight=rel(gw, gw_ref))
-    res["ok"] = max(res.values()) < 1e-10
+    res = {}
+    for pad_to in (0, 16):  # 50 rows, padded to 64
+        out = ChunkedLinearCrossEntropy.apply(h, w, t, 8, False, pad_to)
+        gh, gw = torch.autograd.grad(out * 1.7, (h, w))
+        res[f"pad{pad_to}"] = dict(loss=rel(out, ref), grad_hidden=rel(gh, gh_ref), grad_weight=rel(gw, gw_ref))
+    res["ok"] = max(v for part in res.values() for v in part.values()) < 1e-10
     logits = (h @ w.t()).detach().requires_grad_()
     ref_sum = F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
     (ref_g,) = torch.autograd.grad(F.cross_entropy(logits, t, ignore_index=-100), logits)
@@ -471,12 +489,13 @@ def check_fused_ce_compiled(device) -> dict:
     t = torch.randint(0, 5003, (700,), device=device, generator=g)
     t[::7] = -100
     out = {}
-    for compiled in (False, True):
-        loss = ChunkedLinearCrossEntropy.apply(h, w, t, 256, compiled)
-        out[compiled] = (loss, *torch.autograd.grad(loss, (h, w)))
+    for compiled, pad_to in ((False, 0), (True, 0), (True, 64)):  # 5,003 rows: padded to 5,056
+        loss = ChunkedLinearCrossEntropy.apply(h, w, t, 256, compiled, pad_to)
+        out[compiled, pad_to] = (loss, *torch.autograd.grad(loss, (h, w)))
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
-    res = dict(zip(["loss", "grad_hidden", "grad_weight"], [rel(a, b) for a, b in zip(out[True], out[False])]))
-    res["ok"] = max(res.values()) < 2e-2
+    res = {f"pad{pad_to}": dict(zip(["loss", "grad_hidden", "grad_weight"], [rel(a, b) for a, b in zip(out[True, pad_to], out[False, 0])]))
+           for pad_to in (0, 64)}
+    res["ok"] = max(v for part in res.values() for v in part.values()) < 2e-2
     return res
 
 
@@ -485,12 +504,13 @@ def gemm_probe(args, device) -> dict:
     if device.type != "cuda" or args.tiny:
         return dict(skipped="CUDA, full size only")
     m = args.batch * (args.min_len + args.seq) // 2
-    shapes = dict(q_o=(4096, 4096), k_v=(4096, 1024), gate_up=(4096, 14336), down=(14336, 4096), lm_head=(4096, 184622))
-    weight = dict(q_o=2, k_v=2, gate_up=2, down=1, lm_head=0)  # per layer
+    shapes = dict(q_o=(4096, 4096), k_v=(4096, 1024), gate_up=(4096, 14336), down=(14336, 4096), lm_head=(4096, 184622),
+                  lm_head_pad64=(4096, 184640))
+    weight = dict(q_o=2, k_v=2, gate_up=2, down=1, lm_head=0, lm_head_pad64=0)  # per layer
     res, flops_layer, time_layer = dict(tokens=m), 0.0, 0.0
     for name, (k, n) in shapes.items():
         a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, k, device=device, dtype=torch.bfloat16).t()  # as nn.Linear and the chunked loss: x @ W.T
         for _ in range(3):
             a @ b
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -187,6 +187,16 @@ def test_to_images_is_to_image_of_each():
     assert [np.asarray(a).tolist() for a in V.to_images(pixels)] == [np.asarray(V.to_image(p)).tolist() for p in pixels]
 
 
+def test_png_bytes_are_the_files_pil_writes_whatever_the_threads(tmp_path):
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (16 + i, 24, 3), dtype=np.uint8)) for i in range(5)]
+    serial, threaded = V.png_bytes(images), V.png_bytes(images, threads=3)
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        assert serial[i] == threaded[i] == (tmp_path / f"{i}.png").read_bytes()
+    assert V.png_bytes([]) == []
+
+
 # --------------------------------------------------------------------------------------- objective
 
 

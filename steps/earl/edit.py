@@ -170,14 +170,16 @@ def run(args: argparse.Namespace) -> int:
     edits, reasons = heldout.edit_rows_explained(engine, layout, codec, rows, EVAL_PREFILL, params)
     generated = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
+    kept = {}  # path → image
     for i, (path, image, reason) in enumerate(zip(sample_paths(args.out, args.samples), edits, reasons), start=1):
         if image is None:
             print(f"earl edit: sample {i} (seed {args.seed + i - 1}): malformed output, no image written: {reason}",
                   file=sys.stderr)
             continue
-        image.save(path, format="PNG")
-        written.append(path)
+        kept[path] = image
+    for path, data in zip(kept, vq_codec.png_bytes(list(kept.values()), torch.get_num_threads())):
+        path.write_bytes(data)
+    written = list(kept)
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)
         grid_figure(source, edits, args.instruction, args.grid_scale).save(args.grid, format="PNG")

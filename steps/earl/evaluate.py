@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from earl import artifacts, heldout, layout as layout_mod
+from earl import artifacts, heldout, layout as layout_mod, vq as vq_codec
 from earl.cli_util import run_step
 from earl.config import Config, ConfigError
 from earl.engine import SamplingParams, check_engine, make_engine
@@ -93,16 +93,17 @@ def evaluate_chunk(config: Config, benchmark: str, rows: list[dict], first: int,
     samples = heldout.score_rows([{**row, "edit_type": row["task"]} for row in repeated], images, scores)
     sources = heldout.decode_all(vq, [np.asarray(r["source_codes"]) for r in rows])
     targets = heldout.decode_all(vq, [np.asarray(r["target_codes"]) if r["target_codes"] is not None else None for r in rows])
+    files = {}  # path → image, written below as a batch (PNG encoding in spec.threads threads)
     records = []
     for i, (row, image, sample) in enumerate(zip(repeated, images, samples)):
         k, j = first + i // n, i % n
         name = f"{k:05d}"
         if j == 0:
-            sources[i // n].save(work / "sources" / f"{name}.png")
+            files[work / "sources" / f"{name}.png"] = sources[i // n]
             if targets[i // n] is not None:
-                targets[i // n].save(work / "targets" / f"{name}.png")
+                files[work / "targets" / f"{name}.png"] = targets[i // n]
         if image is not None:
-            image.save(work / "images" / f"{name}-{j}.png")
+            files[work / "images" / f"{name}-{j}.png"] = image
         record = asdict(sample)
         record.pop("edit_type")
         records.append({
@@ -111,6 +112,8 @@ def evaluate_chunk(config: Config, benchmark: str, rows: list[dict], first: int,
             "source_image": f"sources/{name}.png",
             "target_image": f"targets/{name}.png" if targets[i // n] is not None else None,
         })
+    for path, data in zip(files, vq_codec.png_bytes(list(files.values()), spec.threads)):
+        path.write_bytes(data)
     return pd.DataFrame.from_records(records)
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import math
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -68,6 +70,24 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
     one uint8 batch crosses to the host (the same IEEE operations on either device, so the same bytes)."""
     x = ((pixels.detach().float() * 0.5 + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8)
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def png_bytes(images: list[Image.Image], threads: int = 1) -> list[bytes]:
+    """Each image as PNG file bytes (PIL's default settings), ``threads`` images at a time.
+
+    PIL releases the GIL while zlib compresses, so threads encode in parallel: a batch of decoded edits is
+    written in ~1/``threads`` of the time on a GPU node's cores. The bytes do not depend on ``threads``.
+    """
+
+    def one(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    if threads <= 1 or len(images) <= 1:
+        return [one(image) for image in images]
+    with ThreadPoolExecutor(min(threads, len(images))) as pool:
+        return list(pool.map(one, images))
 
 
 @functools.cache
