@@ -71,6 +71,7 @@ def run_distributed(parser: argparse.ArgumentParser, module: str, check: Callabl
         # default SFT step on 2 cores (py-spy, benchmarks/RESULTS.md)
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
         run_step(parser, train, argv, **extra)
+        leave_process_group()
         return
     try:
         nproc, config, out = run_step(parser, lambda c, o, **kw: (check(c, o, **kw), c, o), argv, **extra)
@@ -86,6 +87,19 @@ def run_distributed(parser: argparse.ArgumentParser, module: str, check: Callabl
         sys.exit(1)  # the worker has printed its own one-line error (or traceback) above
     except ConfigError as error:
         sys.exit(f"error: {error}")
+
+
+def leave_process_group() -> None:
+    """Wait for every worker, then shut this one's process group down before the interpreter exits.
+
+    Without it a worker that finished first (a rank that does not save) exited with gloo's threads still
+    running, and now and then died in their destructor ("terminate called without an active exception",
+    exit -6) after its work was done, failing the whole run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def start_deepspeed_comm() -> None:
