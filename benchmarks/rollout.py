@@ -169,8 +169,16 @@ def left_padded(prompts: list[list[int]], pad: int, device: torch.device) -> tup
     return ids.to(device), mask.to(device)
 
 
+def engine_prefill_seconds(engine, prompts, grids, device) -> float:
+    """The engine's prefill (and the choice of the first token): a ``generate`` call for one new token, warm."""
+    params = engine_module.SamplingParams(max_tokens=1)
+    timed(device, lambda: engine.generate(prompts, grids, params))  # warm-up
+    return timed(device, lambda: engine.generate(prompts, grids, params))[1]
+
+
 def prefill_seconds(model, prompts, layout, max_tokens, device) -> float:
-    """One prefill as the engine runs it: left-padded batch, fresh static cache, the engine's slices, last logits."""
+    """One prefill as transformers' ``generate`` runs it (and this engine did up to ``5270155``): left-padded
+    batch, fresh static cache, slices of the engine's size, the model's forward, last logits."""
     from transformers import StaticCache
 
     ids, mask = left_padded(prompts, layout.ids.pad, device)
@@ -320,7 +328,7 @@ def edits_end_to_end(model, layout: Layout, n: int, tiny: bool, device: torch.de
         vq_codec.decode = decode
     phases = timers.take()
     prompts = [layout.prompt(np.asarray(r["source_codes"]), r["instruction"], EVAL_PREFILL) for r in rows]
-    prefill = prefill_seconds(model, prompts, layout, 1100, device)
+    prefill = engine_prefill_seconds(engine, prompts, [np.shape(r["source_codes"]) for r in rows], device)
     if out:
         (out / "edit_0.png").write_bytes(pngs[0])
     split = {f"{name}_s": round(value, 4) for name, value in phases.items()}  # the tiny smoke test takes milliseconds
@@ -348,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                         "values to time whole completions with (off: the whole vocabulary at every step)")
     parser.add_argument("--compile", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.compile values to "
                         "time whole completions with (on: the decoder layers through torch.compile, CUDA's default)")
+    parser.add_argument("--fuse", nargs="+", choices=["on", "off"], default=["on"], help="HFEngine.fuse values to time "
+                        "whole completions with (on: q/k/v and gate/up as one matmul each, CUDA's default)")
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--baseline-engine", help="an engine.py (e.g. of an earlier commit) to time beside this one")
     parser.add_argument("--profile", action="store_true")
@@ -404,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     compiled = HFEngine(model, layout, batch_size=8, cuda_graph=False).generate(check_prompts, [grid] * 8, greedy)
     uncompiled = HFEngine(model, layout, batch_size=8, cuda_graph=False, compile=False).generate(check_prompts, [grid] * 8, greedy)
     results["checks"]["compiled_vs_uncompiled_greedy_equal_tokens"] = float((compiled.tokens == uncompiled.tokens).float().mean())
-    # at the first chosen token: the header before it is forced (log-prob 0) and the prefill is never compiled
+    # at the first chosen token (the header before it is forced: log-prob 0)
     first = int((uncompiled.logprobs != 0).all(0).nonzero()[0])
     results["checks"]["compiled_vs_uncompiled_first_greedy_logprob_diff"] = float((compiled.logprobs[:, first] - uncompiled.logprobs[:, first]).abs().max())
     results["checks"]["checks_s"] = round(time.perf_counter() - t0, 1)
@@ -423,10 +433,12 @@ def main(argv: list[str] | None = None) -> None:
     baseline = load_module(args.baseline_engine, "baseline_engine") if args.baseline_engine else None
     heads = [v == "on" for v in args.visual_heads]
     compiles = [c == "on" for c in args.compile]
-    plans = [(n, args.max_tokens[0], b, v, c, "engine") for n in args.batches for c in compiles for b in args.attend_buckets for v in heads]
-    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0], compiles[0], "engine") for m in args.max_tokens[1:]]
-    plans += [(n, args.max_tokens[0], None, None, None, "baseline") for n in args.batches if baseline]
-    for n, max_tokens, bucket, visual, compiled, source in plans:
+    fuses = [f == "on" for f in args.fuse]
+    plans = [(n, args.max_tokens[0], b, v, c, f, "engine") for n in args.batches for c in compiles for f in fuses
+             for b in args.attend_buckets for v in heads]
+    plans += [(max(args.short_batches), m, args.attend_buckets[0], heads[0], compiles[0], fuses[0], "engine") for m in args.max_tokens[1:]]
+    plans += [(n, args.max_tokens[0], None, None, None, None, "baseline") for n in args.batches if baseline]
+    for n, max_tokens, bucket, visual, compiled, fused, source in plans:
         prompts = workload(layout, n, grid, seed=n)
         module = baseline if source == "baseline" else engine_module
         use_attention(module)
@@ -434,14 +446,15 @@ def main(argv: list[str] | None = None) -> None:
         if source == "baseline":
             engine = baseline.HFEngine(model, layout, batch_size=n)
         else:
-            engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual, compile=compiled)
+            engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual, compile=compiled, fuse=fused)
         warmup = timed(device, lambda: engine.generate(prompts[:2], [grid] * 2, sampling(3, module)))[1]  # compiles, once
         try:
             rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
         except torch.OutOfMemoryError as error:
             record(dict(run=source, batch=n, max_tokens=max_tokens, error=f"out of memory: {str(error)[:200]}"))
             continue
-        prefill = prefill_seconds(model, prompts, layout, max_tokens, device)
+        prefill = (prefill_seconds(model, prompts, layout, max_tokens, device) if source == "baseline"
+                   else engine_prefill_seconds(engine, prompts, [grid] * n, device))
         steps = int(rollouts.lengths.max())
         generated = int(rollouts.lengths.sum())
         longest = max(map(len, prompts))
@@ -450,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
         filled = step_bytes(model, n, longest + steps / 2)
         record(dict(
             run=source if device.type == "cuda" else f"{source}_eager", batch=n, max_tokens=max_tokens, attend_bucket=bucket,
-            visual_head=visual, compile=compiled, warmup_s=round(warmup, 1),
+            visual_head=visual, compile=compiled, fuse=fused, warmup_s=round(warmup, 1),
             prompt_tokens=longest,
             steps=steps, generated_tokens=generated, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
             decode_ms_per_step=round(per_step * 1e3, 3), tokens_per_s=round(generated / seconds, 1),
@@ -465,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.short_batches:
         prompts = workload(layout, n, grid, seed=n)
         params = sampling(args.short_tokens)
-        prefill = prefill_seconds(model, prompts, layout, args.max_tokens[0], device)
+        hf_prefill = prefill_seconds(model, prompts, layout, args.max_tokens[0], device)
         runners = {"hf_generate": lambda: hf_generate(model, prompts, layout, grid, params, device)}
         if device.type == "cuda":
             engine = HFEngine(model, layout, batch_size=n, cuda_graph=False)
@@ -477,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in runners.items():
             use_attention(baseline if name == "baseline" else engine_module)
             _, seconds, peak = timed(device, fn)
+            prefill = engine_prefill_seconds(engine, prompts, [grid] * n, device) if name == "engine_eager" else hf_prefill
             per_step = (seconds - prefill) / args.short_tokens
             record(dict(
                 run=name, batch=n, new_tokens=args.short_tokens, seconds=round(seconds, 3), prefill_s=round(prefill, 3),
@@ -501,10 +515,10 @@ def main(argv: list[str] | None = None) -> None:
             for row in results.get(key, [])[:12]:
                 print(f"{key:<22}{row['ms_per_step']:>9.3f} ms{row['calls_per_step']:>8.1f}  {row['op']}")
 
-    print(f"\n{'run':<15}{'batch':>6}{'bucket':>8}{'head':>8}{'compile':>8}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
+    print(f"\n{'run':<15}{'batch':>6}{'bucket':>8}{'head':>8}{'compile':>8}{'fuse':>6}{'tokens':>8}{'s':>9}{'ms/step':>9}{'decode tok/s':>14}{'s/128 seq':>11}{'GiB':>7}")
     for r in results["runs"]:
         if "decode_ms_per_step" in r:
-            print(f"{r['run']:<15}{r['batch']:>6}{r.get('attend_bucket') or '':>8}{HEADS.get(r.get('visual_head'), ''):>8}{ {True: 'on', False: 'off'}.get(r.get('compile'), ''):>8}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
+            print(f"{r['run']:<15}{r['batch']:>6}{r.get('attend_bucket') or '':>8}{HEADS.get(r.get('visual_head'), ''):>8}{ {True: 'on', False: 'off'}.get(r.get('compile'), ''):>8}{ {True: 'on', False: 'off'}.get(r.get('fuse'), ''):>6}{r.get('generated_tokens', r.get('new_tokens', 0)):>8}{r['seconds']:>9.2f}"
                   f"{r['decode_ms_per_step']:>9.2f}{r['decode_tokens_per_s']:>14.1f}{r.get('seconds_per_128', float('nan')):>11.2f}"
                   f"{r['peak_gib']:>7.1f}")
     for r in results["runs"]:

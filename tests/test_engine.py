@@ -154,6 +154,42 @@ def test_engine_of_another_dtype_samples_from_a_copy_that_sync_weights_refreshes
     assert make_engine("hf", layout, None, 4, 0.5, policy=policy, dtype=torch.float32).model is policy
 
 
+def test_fused_projections_sample_what_the_layers_as_written_do(tiny):
+    """fuse: q/k/v and gate/up as one matmul each, over weights that the model's own projections now view: the
+    same tokens and log-probabilities, the model's own forward unchanged, no second copy, sync_weights reaching
+    the fused tensors."""
+    model, layout = tiny
+    model = copy.deepcopy(model)
+    batch = prompts(layout, 3)
+    params = SamplingParams(max_tokens=30, seed=5, grid_constraint=False)
+    before = model(torch.tensor([batch[0]])).logits
+    plain = HFEngine(model, layout, batch_size=3, fuse=False).generate(batch, [(3, 4)] * 3, params)
+    fused = HFEngine(model, layout, batch_size=3, fuse=True).generate(batch, [(3, 4)] * 3, params)
+    assert torch.equal(plain.tokens, fused.tokens)
+    assert torch.allclose(plain.logprobs, fused.logprobs, atol=1e-5)
+    assert torch.allclose(model(torch.tensor([batch[0]])).logits, before, atol=1e-6)
+    attn = model.model.layers[0].self_attn
+    qkv = engine_module._fused_weights(model.model.layers[0])["qkv"]
+    assert attn.k_proj.weight.data_ptr() == qkv.data_ptr() + attn.q_proj.weight.numel() * qkv.element_size()
+    assert engine_module._fused_weights(model.model.layers[0])["qkv"] is qkv  # found in place, not copied again
+    source = copy.deepcopy(model)
+    with torch.no_grad():
+        source.model.layers[0].self_attn.v_proj.weight.add_(1.0)
+    HFEngine(model, layout, fuse=True, weights_from=source)
+    assert torch.equal(qkv[-attn.v_proj.weight.shape[0]:], source.model.layers[0].self_attn.v_proj.weight)
+
+
+def test_make_engine_never_fuses_the_module_being_trained(tiny):
+    """The policy is saved with save_pretrained, which refuses weights that share memory."""
+    model, layout = tiny
+    policy = copy.deepcopy(model)
+    engine = make_engine("hf", layout, None, 4, 0.5, policy=policy)
+    assert engine.model is policy and not engine.fuse
+    engine.generate(prompts(layout, 2), [(3, 4)] * 2, SamplingParams(max_tokens=4))
+    attn = policy.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("prefill", ["<|image start|>", "<|image start|>{H}*{W}", ""])
 def test_grid_constraint_makes_every_sample_a_well_formed_block(tiny, prefill):
     """Even an untrained model writes exactly the source's H×W block, with RL's, eval's or no prefill."""
@@ -316,11 +352,13 @@ def test_same_seed_same_samples(tiny):
 
 def test_the_compiled_layers_sample_what_the_eager_ones_do(tiny):
     """``compile=True`` (CUDA's default) calls every decoder layer through one compiled function: the same tokens
-    and log-probabilities as the layers run as written, and one compilation serves both layers, two batch sizes
-    and every attention width, the last one (the whole cache but its spare slot) included."""
+    and log-probabilities as the layers run as written, and two compilations (prefill slices, decode steps) serve
+    both layers, two batch sizes and every attention width, the last one (the whole cache but its spare slot)
+    included."""
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model, layout = tiny
+    model = copy.deepcopy(model)  # compile fuses its projections in place (HFEngine's fuse follows compile)
     params = SamplingParams(max_tokens=30, seed=3, grid_constraint=False)
     compiled = HFEngine(model, layout, batch_size=4, attend_bucket=4, compile=True)
     for n in (2, 3):  # 2 is also the model's KV-head count: the batch size must not be taken for it
@@ -330,4 +368,4 @@ def test_the_compiled_layers_sample_what_the_eager_ones_do(tiny):
         assert int(eager.lengths.max()) == params.max_tokens  # every width up to the whole cache was used
         assert torch.equal(eager.tokens, fast.tokens)
         assert torch.allclose(eager.logprobs, fast.logprobs, atol=1e-4)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2

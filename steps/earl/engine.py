@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from transformers import AttentionInterface, Emu3ForCausalLM, StaticCache
+from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -367,7 +368,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     token the query heads that share a KV head are instead folded into the query-length axis of that KV head:
     the same scores, no copy. Only the first ``attention_mask.shape[-1]`` cache slots are read: the engine passes
     the mask of the slots filled so far (rounded up to ``attend_bucket``), not of the whole static cache. Prefill
-    (more than one query token) goes to transformers' own SDPA function.
+    (more than one query token) goes to transformers' own SDPA function, over the filled slots too.
 
     Inside ``torch.compile`` (``HFEngine(compile=...)``) the decode attention is written out instead
     (:func:`_decode_attention`): Inductor fuses mask and softmax between two cuBLAS matmuls, which on an H200
@@ -375,10 +376,10 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     benchmarks/RESULTS.md). Run op by op, SDPA's one kernel is the faster of the two.
     """
     batch, heads, length, dim = query.shape
+    # the mask covers the cache slots a step attends over: the filled part, rounded up (HFEngine)
+    key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     if length > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    # the decode step's mask covers the cache slots it attends over: the filled part, rounded up (HFEngine)
-    key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     kv_heads = key.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     if torch.compiler.is_compiling():
@@ -438,24 +439,32 @@ class HFEngine:
     pay for the 15-25 s compilation, and Inductor needs a C++ compiler there. One compilation with dynamic
     shapes serves every layer, batch size and attention width. ``TORCH_COMPILE_DISABLE=1`` in a step's
     environment turns it off without a code change (torch's own switch).
+    ``fuse``: each layer's q/k/v projections run as one matmul, and gate/up as one (:func:`_fused_layer`): at
+    decode batch sizes a matmul costs mostly its weight read and a fixed latency, so four matmuls a layer instead
+    of seven save ~0.5 ms of a ~10 ms step on an H200 (benchmarks/RESULTS.md). The model's q/k/v (gate/up)
+    weights become views of one tensor, in place: same parameters, same memory, and ``sync_weights`` and an
+    optimizer still reach them, but ``save_pretrained`` refuses tensors that share memory, so a model that is
+    saved later must not be fused (``make_engine`` fuses only the models it owns). ``None`` (default): as
+    ``compile``.
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
                  attend_bucket: int = 128, visual_head: bool = True, weights_from: torch.nn.Module | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, fuse: bool | None = None):
         self.model, self.layout, self.ids, self.batch_size = model, layout, layout.ids, batch_size
         self.cuda_graph, self.prefill_tokens, self.attend_bucket = cuda_graph, prefill_tokens, attend_bucket
         self.visual_head = visual_head
         self.weights_from = weights_from
-        self.compile = compile
+        self.compile = model.device.type == "cuda" if compile is None else compile
+        self.fuse = self.compile if fuse is None else fuse
         self._compiled_layer = None
         self.sync_weights()
 
     def _layer_call(self):
-        """How a decode step calls a decoder layer: as is, or (``compile``) through one compiled function that every
+        """How a step calls a decoder layer: as is, or (``compile``) through one compiled function that every
         layer shares. Regional compilation: one layer is traced once. Compiling the whole decoder (32 unrolled
         layers) took more than 5 minutes on the GPU machine's host; this takes seconds."""
-        if not (self.model.device.type == "cuda" if self.compile is None else self.compile):
+        if not self.compile:
             return _call_layer
         if self._compiled_layer is None:
             compiled = torch.compile(_call_layer, dynamic=True)
@@ -527,13 +536,29 @@ class HFEngine:
         position = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=model.config, max_cache_len=slots)
         constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
-        chunk = max(1, self.prefill_tokens // n)
+        attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
+        decoder, head, call_layer = model.get_decoder(), model.get_output_embeddings(), self._layer_call()
+        layer_caches = [_OneLayer(layer) for layer in cache.layers]
+        fused = [_fused_weights(layer) if self.fuse else {} for layer in decoder.layers]
+
+        def forward(inputs: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+            """The decoder (embedding, layers, final norm) over ``inputs`` [n, q], written to the next q cache slots
+            and attending where ``attention`` [n, 1, q, width] allows; the hidden state of the last position."""
+            hidden = decoder.embed_tokens(inputs)
+            rope = decoder.rotary_emb(hidden, position_ids=positions)
+            for layer, layer_cache, weights in zip(decoder.layers, layer_caches, fused):
+                hidden = call_layer(layer, hidden, attention_mask=attention, position_embeddings=rope, position_ids=positions,
+                                    past_key_values=layer_cache, **weights)
+            return decoder.norm(hidden[:, -1])
+
+        # Prefill, in slices of the prompts, through the same layer calls as decoding (compiled where they are):
+        # causal, over the slots filled so far; a left-padding position sees itself, so no row is all masked.
+        chunk, slot = max(1, self.prefill_tokens // n), torch.arange(slots, device=device)
         for start in range(0, longest, chunk):
             end = min(start + chunk, longest)
-            out = model(
-                input_ids=ids[:, start:end], attention_mask=mask, position_ids=position[:, start:end], past_key_values=cache,
-                cache_position=torch.arange(start, end, device=device), use_cache=True, logits_to_keep=1,
-            )
+            width, query = bucketed(end), slot[start:end, None]
+            visible = (attend[..., :width] & (slot[:width] <= query)) | (slot[:width] == query)
+            last = forward(ids[:, start:end], position[:, start:end], visible)
         # The decode step's buffers: written in place, never re-bound, so a captured graph keeps seeing them.
         seeds_t = torch.tensor(seeds, dtype=torch.long, device=device)
         tokens = torch.full((n, max_tokens), self.ids.pad, dtype=torch.long, device=device)
@@ -543,9 +568,6 @@ class HFEngine:
         step = torch.zeros((), dtype=torch.long, device=device)  # index of the token being chosen
         token = torch.zeros(n, dtype=torch.long, device=device)
         next_position = position[:, -1:] + 1
-        attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
-        decoder, head, call_layer = model.get_decoder(), model.get_output_embeddings(), self._layer_call()
-        layer_caches = [_OneLayer(layer) for layer in cache.layers]
         codes = slice(self.ids.visual_base, self.ids.visual_base + self.ids.codebook_size)
         visual_rows = head.weight[codes]  # a view: sync_weights' in-place copies reach it
         visual_bias = None if head.bias is None else head.bias[codes]
@@ -574,15 +596,9 @@ class HFEngine:
             commit(torch.where(forced >= 0, forced, code + self.ids.visual_base), torch.where(forced >= 0, 0.0, logp))
 
         def decode(width: int, in_image: bool) -> None:
-            """One token per sequence: the decoder's forward (embedding, layers, norm) for one query token."""
-            slot = step + (longest - 1)  # the cache slot of the token chosen last
-            attend.index_fill_(-1, slot[None], True)
-            hidden = decoder.embed_tokens(token[:, None])
-            rope = decoder.rotary_emb(hidden, position_ids=next_position)
-            for layer, layer_cache in zip(decoder.layers, layer_caches):
-                hidden = call_layer(layer, hidden, attention_mask=attend[..., :width], position_embeddings=rope,
-                                    position_ids=next_position, past_key_values=layer_cache)
-            hidden = decoder.norm(hidden)[:, -1]
+            """One token per sequence: the decoder's forward for one query token."""
+            attend.index_fill_(-1, (step + (longest - 1))[None], True)  # the cache slot of the token chosen last
+            hidden = forward(token[:, None], next_position, attend[..., :width])
             next_position.add_(1)
             choose_in_image(hidden) if in_image else choose(head(hidden))
 
@@ -591,7 +607,7 @@ class HFEngine:
             finished, in_text = torch.stack([done.all(), (GridRule.free_text(constraint.state) & ~done).any()]).tolist()
             return finished, params.grid_constraint and self.visual_head and not in_text
 
-        choose(out.logits[:, -1])  # the prefill's last logits: the whole vocabulary
+        choose(head(last))  # the prefill's last logits: the whole vocabulary
         use_graph = self.cuda_graph and device.type == "cuda"
         graphs, pool = {}, torch.cuda.graph_pool_handle() if use_graph else None
         in_image = status()[1]  # sequences never leave their image block once in it: checked every few steps
@@ -613,9 +629,58 @@ class HFEngine:
         return Rollouts(tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), lengths.cpu(), done.cpu())
 
 
-def _call_layer(layer, hidden: torch.Tensor, **inputs) -> torch.Tensor:
-    """A decoder layer's forward with the layer as an argument: compiled, one trace serves every layer."""
-    return layer(hidden, **inputs)
+def _call_layer(layer, hidden: torch.Tensor, qkv: torch.Tensor | None = None, gate_up: torch.Tensor | None = None,
+                **inputs) -> torch.Tensor:
+    """A decoder layer's forward with the layer as an argument: compiled, one trace serves every layer. With
+    ``qkv`` and ``gate_up`` (:func:`_fused_weights`), :func:`_fused_layer` instead."""
+    if qkv is None:
+        return layer(hidden, **inputs)
+    return _fused_layer(layer, qkv, gate_up, hidden, **inputs)
+
+
+def _fused_layer(layer, qkv: torch.Tensor, gate_up: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 position_embeddings: tuple[torch.Tensor, torch.Tensor], past_key_values, **_) -> torch.Tensor:
+    """``Emu3DecoderLayer.forward`` without dropout (rollouts sample the model as evaluated), with q/k/v computed
+    by one matmul and gate/up by another."""
+    attn, mlp = layer.self_attn, layer.mlp
+    batch, length, _ = hidden.shape
+    heads = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0])
+    query, key, value = (
+        x.view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        for x in torch.nn.functional.linear(layer.input_layernorm(hidden), qkv).split(heads, dim=-1)
+    )
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    key, value = past_key_values.update(key, value, attn.layer_idx)
+    out, _ = _attention(attn, query, key, value, attention_mask, scaling=attn.scaling)
+    hidden = hidden + attn.o_proj(out.reshape(batch, length, -1))
+    gate, up = torch.nn.functional.linear(layer.post_attention_layernorm(hidden), gate_up).chunk(2, dim=-1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _fused_weights(layer) -> dict[str, torch.Tensor]:
+    """The layer's q/k/v weights as one tensor and its gate/up weights as another, for :func:`_fused_layer`.
+
+    The first call concatenates them and makes each projection's weight a view of its rows (``.data``: the same
+    Parameter objects); later calls find the views in place and return their tensors without copying. A layer
+    whose projections have biases is refused: Emu3's have none.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {"qkv": (attn.q_proj, attn.k_proj, attn.v_proj), "gate_up": (mlp.gate_proj, mlp.up_proj)}
+    if any(linear.bias is not None for linears in groups.values() for linear in linears):
+        raise ValueError("HFEngine(fuse=True): the decoder's projections have biases; use fuse=False")
+    out = {}
+    for name, linears in groups.items():
+        fused = getattr(layer, f"_earl_{name}", None)
+        rows = [linear.weight.shape[0] for linear in linears]
+        if not (fused is not None and all(
+                linear.weight.data_ptr() == part.data_ptr() and linear.weight.shape == part.shape
+                for linear, part in zip(linears, fused.split(rows)))):
+            fused = torch.cat([linear.weight.detach() for linear in linears])
+            for linear, part in zip(linears, fused.split(rows)):
+                linear.weight.data = part
+            setattr(layer, f"_earl_{name}", fused)
+        out[name] = fused
+    return out
 
 
 class _OneLayer:
@@ -675,7 +740,8 @@ def make_engine(kind: str, layout: Layout, model_dir: Path, batch_size: int, gpu
     """The rollout engine ``kind`` (``rl.engine``, ``evaluate.engine``) for the model saved in ``model_dir``.
 
     ``policy``: the module being trained (rl), which the engine samples from after each ``sync_weights()``;
-    without it the engine only reads ``model_dir`` (evaluate), and the built-in engine loads it on ``device``.
+    without it the engine only reads ``model_dir`` (evaluate), and the built-in engine loads it on ``device``
+    (in ``dtype``, or the dtype it was saved in).
     ``dtype``: the built-in engine samples from a copy of ``policy`` in this dtype where it differs from the
     policy's (bf16 rollouts of fp32 master weights). ``batch_size`` is the built-in engine's;
     ``gpu_memory_utilization`` and ``max_model_len`` are vLLM's.
@@ -684,10 +750,10 @@ def make_engine(kind: str, layout: Layout, model_dir: Path, batch_size: int, gpu
         from earl.vllm_engine import VLLMEngine  # importable only in the vllm environment (check_engine)
 
         return VLLMEngine(model_dir, layout, gpu_memory_utilization, max_model_len, policy)
-    if policy is None:
-        policy = load_checked(Emu3ForCausalLM, model_dir).to(device).eval()  # in the dtype it was saved in
+    if policy is None:  # the engine's own model: fused where compiled (HFEngine's default)
+        return HFEngine(load_checked(Emu3ForCausalLM, model_dir).to(device=device, dtype=dtype).eval(), layout, batch_size)
     if dtype is None or dtype == policy.dtype:
-        return HFEngine(policy, layout, batch_size)
+        return HFEngine(policy, layout, batch_size, fuse=False)  # the module being trained, and saved: not fused
     with torch.device(policy.device):
         copy = Emu3ForCausalLM._from_config(policy.config, dtype=dtype).eval()
     return HFEngine(copy, layout, batch_size, weights_from=policy)
