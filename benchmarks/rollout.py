@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
             engine = baseline.HFEngine(model, layout, batch_size=n)
         else:
             engine = HFEngine(model, layout, batch_size=n, attend_bucket=bucket, visual_head=visual, compile=compiled, fuse=fused)
-        warmup = timed(device, lambda: engine.generate(prompts[:2], [grid] * 2, sampling(3, module)))[1]  # compiles, once
+        # compiles (once), at this batch's prefill slices too
+        warmup = timed(device, lambda: engine.generate(prompts, [grid] * n, sampling(3, module)))[1]
         try:
             rollouts, seconds, peak = timed(device, lambda: engine.generate(prompts, [grid] * n, params))
         except torch.OutOfMemoryError as error:

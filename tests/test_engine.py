@@ -353,14 +353,14 @@ def test_same_seed_same_samples(tiny):
 def test_the_compiled_layers_sample_what_the_eager_ones_do(tiny):
     """``compile=True`` (CUDA's default) calls every decoder layer through one compiled function: the same tokens
     and log-probabilities as the layers run as written, and two compilations (prefill slices, decode steps) serve
-    both layers, two batch sizes and every attention width, the last one (the whole cache but its spare slot)
-    included."""
+    both layers, two batch sizes, every prefill slice (the first one included: the cache exists before it) and
+    every attention width, the last one (the whole cache but its spare slot) included."""
     torch._dynamo.reset()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model, layout = tiny
     model = copy.deepcopy(model)  # compile fuses its projections in place (HFEngine's fuse follows compile)
     params = SamplingParams(max_tokens=30, seed=3, grid_constraint=False)
-    compiled = HFEngine(model, layout, batch_size=4, attend_bucket=4, compile=True)
+    compiled = HFEngine(model, layout, batch_size=4, attend_bucket=4, compile=True, prefill_tokens=4 * 7)  # sliced
     for n in (2, 3):  # 2 is also the model's KV-head count: the batch size must not be taken for it
         batch = prompts(layout, n)
         eager = HFEngine(model, layout, batch_size=n, attend_bucket=4).generate(batch, [(3, 4)] * n, params)

@@ -535,6 +535,11 @@ class HFEngine:
         ids, mask = ids.to(device), mask.to(device)
         position = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
         cache = StaticCache(config=model.config, max_cache_len=slots)
+        # allocated here, not lazily inside the first (compiled) prefill call, where it would cost a compiled graph of
+        # its own and transformers could not mark the cache's addresses static for the CUDA graphs
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache.early_initialization(n, config.num_key_value_heads, head_dim, model.dtype, device)
         constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
         attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
         decoder, head, call_layer = model.get_decoder(), model.get_output_embeddings(), self._layer_call()
