@@ -26,9 +26,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from transformers import AttentionInterface, Emu3ForCausalLM, StaticCache
-from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
 
 from earl.config import ConfigError
 from earl.layout import Layout, SpecialIds
@@ -441,11 +441,11 @@ class HFEngine:
     environment turns it off without a code change (torch's own switch).
     ``fuse``: each layer's q/k/v projections run as one matmul, and gate/up as one (:func:`_fused_layer`): at
     decode batch sizes a matmul costs mostly its weight read and a fixed latency, so four matmuls a layer instead
-    of seven saved 0.26 ms of a 9.4 ms step at batch 50 on an H200 (benchmarks/RESULTS.md). The model's q/k/v (gate/up)
-    weights become views of one tensor, in place: same parameters, same memory, and ``sync_weights`` and an
-    optimizer still reach them, but ``save_pretrained`` refuses tensors that share memory, so a model that is
-    saved later must not be fused (``make_engine`` fuses only the models it owns). ``None`` (default): as
-    ``compile``.
+    of seven saved 0.26 ms of a 9.4 ms step at batch 50 on an H200 (benchmarks/RESULTS.md). The model's q/k/v
+    (gate/up) weights become views of one tensor, in place: same parameters, same memory, and ``sync_weights``
+    and an optimizer still reach them, but ``save_pretrained`` refuses tensors that share memory, so a model
+    that is saved later must not be fused (``make_engine`` fuses only the models it owns). ``None`` (default):
+    as ``compile``.
     """
 
     def __init__(self, model, layout: Layout, batch_size: int = 64, cuda_graph: bool = True, prefill_tokens: int = 32768,
