@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -179,10 +180,12 @@ def test_fused_projections_sample_what_the_layers_as_written_do(tiny):
     assert torch.equal(qkv[-attn.v_proj.weight.shape[0]:], source.model.layers[0].self_attn.v_proj.weight)
 
 
-def test_make_engine_never_fuses_the_module_being_trained(tiny):
-    """The policy is saved with save_pretrained, which refuses weights that share memory."""
+def test_make_engine_never_fuses_the_module_being_trained(tiny, monkeypatch):
+    """The policy is saved with save_pretrained, which refuses weights that share memory. Compiled (as on CUDA),
+    where the engine fuses by default."""
     model, layout = tiny
     policy = copy.deepcopy(model)
+    monkeypatch.setattr(engine_module, "HFEngine", functools.partial(HFEngine, compile=True))
     engine = make_engine("hf", layout, None, 4, 0.5, policy=policy)
     assert engine.model is policy and not engine.fuse
     engine.generate(prompts(layout, 2), [(3, 4)] * 2, SamplingParams(max_tokens=4))

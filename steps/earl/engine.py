@@ -540,7 +540,7 @@ class HFEngine:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         cache.early_initialization(n, config.num_key_value_heads, head_dim, model.dtype, device)
-        constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
+        constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, config.vocab_size)
         attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
         decoder, head, call_layer = model.get_decoder(), model.get_output_embeddings(), self._layer_call()
         layer_caches = [_OneLayer(layer) for layer in cache.layers]
