@@ -11,7 +11,8 @@
 earlier commit, kept so that recorded sweep commands mean what they meant) plus the configuration's overrides:
 AdamW (0.9, ``beta2``), warm-up then cosine to ``min_lr``, clip 5, loss on the target only. All configurations run
 at once on one device; at each of ``evals`` steps ``run`` measures teacher-forced accuracy on the validation rows,
-per edit type: ``copy`` on the cells the edit left alone, ``edit`` on the cells it changed, ``all_cells`` the share
+per edit type: ``copy`` on the cells the edit left alone, ``edit`` on the cells it changed, ``kept`` the share of
+rows with every cell it left alone right (what the verifier's preservation of 1 needs), ``all_cells`` the share
 of rows with every cell right. Minutes of 2-core CPU budget are a few thousand steps here, so the sweep says which
 recipe learns the edits within the default's budget before a 10-minute CPU run is spent on it
 (benchmarks/RESULTS.md).
@@ -36,7 +37,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=128, ff=384, heads=4, kv=2, theta=200.0, lr=3e-3, batch=32, weight_decay=0.1,
-                warmup=50, min_lr=1e-4, seed=42, tie=False, init=0.02, beta2=0.95, evals=[500, 1000, 1500, 2000, 3000])
+                warmup=50, min_lr=1e-4, seed=42, tie=False, init=0.02, beta2=0.95, decay=None,
+                evals=[500, 1000, 1500, 2000, 3000])
 
 
 def dump(config_path: str, dataset: str, out: str, validation_rows: int = 200) -> None:
@@ -67,9 +69,14 @@ def dump(config_path: str, dataset: str, out: str, validation_rows: int = 200) -
 
 
 def lr_at(step: int, c: dict) -> float:
+    """Linear warm-up, then cosine to ``min_lr``: over all later steps, or (``decay``, a share of the steps) held at
+    ``lr`` until the last ``decay`` of them, as transformers' ``warmup_stable_decay`` does."""
     if step < c["warmup"]:
         return c["lr"] * (step + 1) / c["warmup"]
-    progress = (step - c["warmup"]) / max(1, c["steps"] - c["warmup"])
+    start = c["steps"] - round(c["decay"] * c["steps"]) if c["decay"] else c["warmup"]
+    if step < start:
+        return c["lr"]
+    progress = (step - start) / max(1, c["steps"] - start)
     return c["min_lr"] + (c["lr"] - c["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -85,14 +92,15 @@ def accuracy(model, x, y, types, changed, vocab_range) -> dict:
     visual = (target >= vocab_range[0]) & (target < vocab_range[1])
     result = {}
     for kind in sorted(set(types)):
-        copy, edit, whole = [], [], []
+        copy, edit, kept, whole = [], [], [], []
         for r in np.flatnonzero(types == kind):
             cells, moved = right[r][visual[r]], changed[r]
             copy += [cells[~moved].mean()] if (~moved).any() else []
             edit += [cells[moved].mean()] if moved.any() else []
+            kept.append(cells[~moved].all())
             whole.append(cells.all())
         result[kind] = {name: round(float(np.mean(v)), 3) if v else None
-                        for name, v in (("copy", copy), ("edit", edit), ("all_cells", whole))}
+                        for name, v in (("copy", copy), ("edit", edit), ("kept", kept), ("all_cells", whole))}
     return result
 
 
@@ -135,23 +143,26 @@ def train(name: str, data: str, device: str, **overrides) -> dict:
 
 
 def run(data: str, configs: dict[str, dict], out: Path, device: str) -> list[dict]:
-    """Every configuration in its own process, all at once; results gathered into ``out/summary.jsonl``."""
+    """Every configuration in its own process, all at once; each result appended to ``out/summary.jsonl`` as it is
+    collected, so a sweep cut short by a time limit keeps the configurations that finished."""
     out.mkdir(parents=True, exist_ok=True)
     procs = {name: subprocess.Popen([sys.executable, __file__, "one", "--data", data, "--device", device, "--name",
                                      name, "--config", json.dumps(c)], stdout=subprocess.PIPE, text=True)
              for name, c in configs.items()}
     results = []
-    for name, proc in procs.items():
-        stdout, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"configuration {name!r} failed (exit {proc.returncode})")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
     with open(out / "summary.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in results)
-    for r in results:
-        last = r["evals"][max(r["evals"], key=int)]
-        edits = ", ".join(f"{k} {v['edit']}" for k, v in last.items() if isinstance(v, dict))
-        print(f"{r['name']}: {r['seconds']} s, step {max(map(int, r['evals']))}: loss {last['loss']}; edited cells: {edits}")
+        for name, proc in procs.items():
+            stdout, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"configuration {name!r} failed (exit {proc.returncode})")
+            r = json.loads(stdout.strip().splitlines()[-1])
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            results.append(r)
+            last = r["evals"][max(r["evals"], key=int)]
+            edits = ", ".join(f"{k} {v['edit']}/{v['kept']}" for k, v in last.items() if isinstance(v, dict))
+            print(f"{r['name']}: {r['seconds']} s, step {max(map(int, r['evals']))}: loss {last['loss']}; "
+                  f"edited cells / rows kept: {edits}", flush=True)
     return results
 
 

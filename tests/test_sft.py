@@ -129,3 +129,31 @@ def test_experiments_with_the_same_stages_share_one_sft_artifact(tiny_pipeline):
     assert paths.sft("two_stage") != paths.sft("c_only")  # stage 2 starts from stage 1's weights
     config["sft"]["learning_rate"] = 1e-3
     assert artifacts.Paths(from_dict(config)).sft("a") != paths.sft("a")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "kwargs", "middle"),
+    [("cosine_with_min_lr", {}, None), ("warmup_stable_decay", {"num_decay_steps": 20}, 3e-3)],
+)
+def test_the_trainer_schedule_ends_at_min_lr(tmp_path, schedule, kwargs, middle):
+    """``min_lr`` reaches the Trainer as the schedule's own rate argument, whichever schedule ends at a floor."""
+    from transformers import get_scheduler
+
+    from earl.config import SFT
+    from earl.sft import training_args
+
+    spec = SFT(model=None, learning_rate=3e-3, min_lr=3e-5, lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs,
+               warmup_steps=5, max_steps=100, deepspeed=None, early_stopping_patience=None)
+    args = training_args(spec, tmp_path, use_cpu=True)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(100),
+                              num_training_steps=100, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    rates = [scheduler.get_last_lr()[0]]
+    for _ in range(100):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[5] == pytest.approx(3e-3)
+    assert rates[100] == pytest.approx(3e-5) and min(rates[5:]) == pytest.approx(3e-5)
+    if middle is not None:  # warmup_stable_decay holds the peak until its decay steps
+        assert rates[79] == pytest.approx(middle) and rates[81] < middle

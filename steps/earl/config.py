@@ -216,7 +216,10 @@ class SFT(Section):
         " size (a larger one adds rows no token uses, e.g. Emu3's 184,622)")
     learning_rate: float = 1e-4
     lr_scheduler_type: str = "cosine_with_min_lr"
-    min_lr: float = 1e-6
+    min_lr: float = Field(1e-6, description="the LR the schedule ends at (cosine_with_min_lr, warmup_stable_decay)")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        {}, description="the scheduler's own arguments, as in TrainingArguments, e.g. warmup_stable_decay's"
+        " num_decay_steps and decay_type")
     warmup_steps: int = 30
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

@@ -208,6 +208,21 @@ class CurvesCallback(TrainerCallback):
             writer.writerow(row)
 
 
+# the schedulers that end at a floor, and what transformers calls the floor there
+MIN_LR_RATE = {"cosine_with_min_lr": "min_lr_rate", "warmup_stable_decay": "min_lr_ratio"}
+
+
+def scheduler_kwargs(spec: SFT) -> dict:
+    """``lr_scheduler_kwargs`` plus ``min_lr`` as a rate of the peak LR, for the schedulers that take a floor.
+
+    A rate, because DeepSpeed's ZeRO-3 optimizer wrapper has no ``defaults`` to read the base LR from.
+    """
+    kwargs = dict(spec.lr_scheduler_kwargs)
+    if spec.lr_scheduler_type in MIN_LR_RATE:
+        kwargs[MIN_LR_RATE[spec.lr_scheduler_type]] = spec.min_lr / spec.learning_rate
+    return kwargs
+
+
 def training_args(spec: SFT, work: Path, use_cpu: bool) -> TrainingArguments:
     early = spec.early_stopping_patience is not None
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(work / "tensorboard"))  # transformers 5 reads it from here
@@ -218,8 +233,7 @@ def training_args(spec: SFT, work: Path, use_cpu: bool) -> TrainingArguments:
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
         learning_rate=spec.learning_rate,
         lr_scheduler_type=spec.lr_scheduler_type,
-        # as a rate: DeepSpeed's ZeRO-3 optimizer wrapper has no ``defaults`` to read the base LR from
-        lr_scheduler_kwargs={"min_lr_rate": spec.min_lr / spec.learning_rate} if spec.lr_scheduler_type == "cosine_with_min_lr" else {},
+        lr_scheduler_kwargs=scheduler_kwargs(spec),
         warmup_steps=spec.warmup_steps,
         adam_beta1=spec.adam_beta1,
         adam_beta2=spec.adam_beta2,
