@@ -86,7 +86,8 @@ def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
 def test_two_processes_train_one_zero3_model(tiny_pipeline):
     root, data, _, _ = tiny_pipeline
     data = json.loads(json.dumps(data))
-    config_file, paths = sft_config(root, data, "sft-two", num_processes=2, per_device_train_batch_size=2)
+    config_file, paths = sft_config(root, data, "sft-two", num_processes=2, per_device_train_batch_size=2,
+                                    bf16=True)  # DeepSpeed's bf16 as paper.yaml trains (the default is fp32)
     out = paths.sft("sft_s")
     leaked_before = orphaned_shm()
     result = sft(config_file, out)
