@@ -195,6 +195,8 @@ def test_png_bytes_are_the_files_pil_writes_whatever_the_threads(tmp_path):
         image.save(tmp_path / f"{i}.png")
         assert serial[i] == threaded[i] == (tmp_path / f"{i}.png").read_bytes()
     assert V.png_bytes([]) == []
+    V.write_pngs({tmp_path / f"w{i}.png": image for i, image in enumerate(images)}, threads=2)
+    assert [(tmp_path / f"w{i}.png").read_bytes() for i in range(5)] == serial
 
 
 # --------------------------------------------------------------------------------------- objective

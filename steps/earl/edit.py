@@ -177,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             continue
         kept[path] = image
-    for path, data in zip(kept, vq_codec.png_bytes(list(kept.values()), torch.get_num_threads())):
-        path.write_bytes(data)
+    vq_codec.write_pngs(kept, torch.get_num_threads())
     written = list(kept)
     if args.grid is not None:
         args.grid.parent.mkdir(parents=True, exist_ok=True)

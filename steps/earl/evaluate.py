@@ -112,8 +112,7 @@ def evaluate_chunk(config: Config, benchmark: str, rows: list[dict], first: int,
             "source_image": f"sources/{name}.png",
             "target_image": f"targets/{name}.png" if targets[i // n] is not None else None,
         })
-    for path, data in zip(files, vq_codec.png_bytes(list(files.values()), spec.threads)):
-        path.write_bytes(data)
+    vq_codec.write_pngs(files, spec.threads)
     return pd.DataFrame.from_records(records)
 
 

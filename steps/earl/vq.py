@@ -21,6 +21,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,6 +89,12 @@ def png_bytes(images: list[Image.Image], threads: int = 1) -> list[bytes]:
         return [one(image) for image in images]
     with ThreadPoolExecutor(min(threads, len(images))) as pool:
         return list(pool.map(one, images))
+
+
+def write_pngs(files: dict[Path, Image.Image], threads: int = 1) -> None:
+    """Write each image to its path as PNG, encoded ``threads`` at a time (:func:`png_bytes`)."""
+    for path, data in zip(files, png_bytes(list(files.values()), threads)):
+        path.write_bytes(data)
 
 
 @functools.cache
