@@ -537,12 +537,11 @@ class HFEngine:
         cache = StaticCache(config=model.config, max_cache_len=slots)
         # allocated here, not lazily inside the first (compiled) prefill call, where it would cost a compiled graph of
         # its own and transformers could not mark the cache's addresses static for the CUDA graphs
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache.early_initialization(n, config.num_key_value_heads, head_dim, model.dtype, device)
-        constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, config.vocab_size)
-        attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
         decoder, head, call_layer = model.get_decoder(), model.get_output_embeddings(), self._layer_call()
+        cache.early_initialization(n, model.config.num_key_value_heads, decoder.layers[0].self_attn.head_dim, model.dtype,
+                                   device)
+        constraint = GridConstraint(self.ids, torch.tensor(grids, device=device), headers, prompts, model.config.vocab_size)
+        attend = mask[:, None, None, :].bool().contiguous()  # the 4-D mask is passed as is: no mask building per step
         layer_caches = [_OneLayer(layer) for layer in cache.layers]
         fused = [_fused_weights(layer) if self.fuse else {} for layer in decoder.layers]
 
