@@ -89,12 +89,10 @@ PRESETS = {
     "varlen_fusedce_compile": dict(layout="packed", attn="varlen", loss="fused", ckpt="full", compile=1),
     "varlen_fusedce_compile_half": dict(layout="packed", attn="varlen", loss="fused", ckpt="half", compile=1),
     "varlen_fusedce_compile_nockpt": dict(layout="packed", attn="varlen", loss="fused", ckpt="none", compile=2),
-    "varlen_fusedce_compile_pad": dict(layout="packed", attn="varlen", loss="fused", ckpt="full", compile=1, pad=64),
-    "varlen_fusedce_compile_half_pad": dict(layout="packed", attn="varlen", loss="fused", ckpt="half", compile=1, pad=64),
-    "varlen_fusedce_compile_nockpt_pad": dict(layout="packed", attn="varlen", loss="fused", ckpt="none", compile=2, pad=64),
 }
 for _spec in PRESETS.values():  # LM-head rows padded to a multiple of ``pad`` in the chunked loss; 0: none
-    _spec.setdefault("pad", 0)
+    _spec["pad"] = 0
+PRESETS |= {f"{name}_pad": {**spec, "pad": 64} for name, spec in PRESETS.items() if name.startswith("varlen_fusedce_compile")}
 DEFAULT_VARIANTS = list(PRESETS)
 
 
