@@ -73,7 +73,7 @@ def tiny_config(results, **overrides) -> dict:
     data["text_tokenizer"]["instruction_tokens"] = 32  # a BPE trained on 48 instructions merges less: up to 24 tokens measured
     data["sft"].update(
         architecture=TINY_MODEL, per_device_train_batch_size=4, max_steps=6, eval_steps=3, save_steps=3,
-        logging_steps=1, validation_size=4, threads_per_process=1, save_total_limit=None,
+        logging_steps=1, validation_size=4, num_processes=1, threads_per_process=1, save_total_limit=None,
         quality_check={"split": "test", "samples": 4, "batch_size": 4, "max_tokens": 60},
     )
     data["rl"].update(

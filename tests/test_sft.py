@@ -158,3 +158,34 @@ def test_the_trainer_schedule_ends_at_min_lr(tmp_path, schedule, kwargs, middle)
     assert rates[100] == pytest.approx(3e-5) and min(rates[5:]) == pytest.approx(3e-5)
     if middle is not None:  # warmup_stable_decay holds the peak until its decay steps
         assert rates[79] == pytest.approx(middle) and rates[81] < middle
+
+
+def test_target_logits_collator_gives_the_full_logits_loss(tiny_tokenizer):
+    """The batch asks for logits from the position before its first target token only; the causal-LM loss over
+    those equals the loss over every position, for rows whose prompts differ in length (right-padded)."""
+    import numpy as np
+    from transformers import DataCollatorForSeq2Seq
+
+    from conftest import random_emu3
+    from earl.layout import Layout
+    from earl.sft import TargetLogitsCollator
+
+    layout = Layout(tiny_tokenizer, 16)
+    rng = np.random.default_rng(0)
+    rows = [layout.sft_example(rng.integers(0, 16, (h, h)), text, rng.integers(0, 16, (h, h)), cot=cot)
+            for h, text, cot in [(3, "make the red circle blue", None), (2, "remove it", "the blue triangle goes"),
+                                 (2, "add a green square at row 3, column 5", None)]]
+    features = [{"input_ids": ids, "labels": labels} for ids, labels in rows]
+    model = random_emu3(layout, len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2).eval()
+    full = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features, "pt")
+    kept = TargetLogitsCollator(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features, "pt")
+
+    first_target = min(labels.index(next(t for t in labels if t != -100)) for _, labels in rows)
+    assert kept["logits_to_keep"].tolist() == list(range(first_target - 1, full["input_ids"].shape[1]))
+    assert torch.equal(kept["labels"], full["labels"][:, first_target - 1:])
+    with torch.no_grad():
+        reference, target_only = model(**full), model(**kept)
+    assert target_only.logits.shape[1] == full["input_ids"].shape[1] - first_target + 1
+    assert torch.allclose(target_only.loss, reference.loss, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(target_only.logits, reference.logits[:, first_target - 1:])
