@@ -181,7 +181,7 @@ def test_target_logits_collator_gives_the_full_logits_loss(tiny_tokenizer):
     full = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features, "pt")
     kept = TargetLogitsCollator(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features, "pt")
 
-    first_target = min(labels.index(next(t for t in labels if t != -100)) for _, labels in rows)
+    first_target = min(next(i for i, t in enumerate(labels) if t != -100) for _, labels in rows)
     assert kept["logits_to_keep"].tolist() == list(range(first_target - 1, full["input_ids"].shape[1]))
     assert torch.equal(kept["labels"], full["labels"][:, first_target - 1:])
     with torch.no_grad():
