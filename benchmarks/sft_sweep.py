@@ -9,7 +9,8 @@
 ``run`` needs only torch and transformers (the GPU machine has neither ``datasets`` nor ``pydantic``).
 ``run`` trains a fresh ``Emu3ForCausalLM`` per configuration with ``DEFAULTS`` (the pipeline default's recipe of an
 earlier commit, kept so that recorded sweep commands mean what they meant) plus the configuration's overrides:
-AdamW (0.9, ``beta2``), warm-up then cosine to ``min_lr``, clip 5, loss on the target only. All configurations run
+AdamW (0.9, ``beta2``), warm-up then cosine to ``min_lr``, clip 5, loss on the target only, over the first
+``train_rows`` training rows (all by default). All configurations run
 at once on one device; at each of ``evals`` steps ``run`` measures teacher-forced accuracy on the validation rows,
 per edit type: ``copy`` on the cells the edit left alone, ``edit`` on the cells it changed, ``kept`` the share of
 rows with every cell it left alone right (what the verifier's preservation of 1 needs), ``all_cells`` the share
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 
 DEFAULTS = dict(layers=4, hidden=128, ff=384, heads=4, kv=2, theta=200.0, lr=3e-3, batch=32, weight_decay=0.1,
                 warmup=50, min_lr=1e-4, seed=42, tie=False, init=0.02, beta2=0.95, decay=None,
-                evals=[500, 1000, 1500, 2000, 3000])
+                train_rows=None, evals=[500, 1000, 1500, 2000, 3000])
 
 
 def dump(config_path: str, dataset: str, out: str, validation_rows: int = 200) -> None:
@@ -120,7 +121,7 @@ def train(name: str, data: str, device: str, **overrides) -> dict:
         rope_parameters={"rope_type": "default", "rope_theta": c["theta"]})).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=(0.9, c["beta2"]), eps=1e-6,
                                   weight_decay=c["weight_decay"])
-    x, y = (torch.tensor(d[k], device=device) for k in ("train_x", "train_y"))
+    x, y = (torch.tensor(d[k][: c["train_rows"]], device=device) for k in ("train_x", "train_y"))
     vx, vy = (torch.tensor(d[k], device=device) for k in ("validation_x", "validation_y"))
     rng, order = np.random.default_rng(c["seed"]), np.empty(0, dtype=np.int64)
     result, start = {"name": name, "config": c, "evals": {}}, time.time()
